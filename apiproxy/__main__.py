@@ -1,0 +1,3 @@
+from apiproxy.cli import main
+
+raise SystemExit(main())

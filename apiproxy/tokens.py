@@ -1,0 +1,203 @@
+"""Peer JWTs in the Deckhouse multicluster convention: minting and strict verification.
+
+Claims: `iss`, `sub` = issuer's cluster UUID, `aud` = receiver's cluster UUID, `scope`
+(`api`, `private-multicluster`, ...), `nbf`/`iat`/`exp`. Unlike the reference implementation we
+verify the signature before trusting any claim, require `exp`, honour `nbf`/`iat`, and bind the
+algorithm to the key type so a public key can never be used as an HMAC secret.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+ISSUER = "apiproxy"
+LEEWAY_SECONDS = 30
+ALLOWED_ALGORITHMS = ("EdDSA", "ES256", "RS256")
+
+PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+
+
+class TokenError(Exception):
+    """A token that must be refused. `reason` is a short machine-readable code for logs/audit."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Claims:
+    subject: str
+    audience: str
+    scope: str
+    issuer: str
+    expires_at: float
+    raw: Mapping[str, Any]
+
+
+def algorithm_for(key: PublicKey | PrivateKey) -> str:
+    if isinstance(key, ed25519.Ed25519PublicKey | ed25519.Ed25519PrivateKey):
+        return "EdDSA"
+    if isinstance(key, ec.EllipticCurvePublicKey | ec.EllipticCurvePrivateKey):
+        if key.curve.name != "secp256r1":
+            raise TokenError("unsupported_key", f"EC curve {key.curve.name}")
+        return "ES256"
+    if isinstance(key, rsa.RSAPublicKey | rsa.RSAPrivateKey):
+        if key.key_size < 2048:
+            raise TokenError("unsupported_key", "RSA key shorter than 2048 bits")
+        return "RS256"
+    raise TokenError("unsupported_key", type(key).__name__)
+
+
+def load_public_key(pem: str | bytes) -> PublicKey:
+    """Parse a PKIX public key PEM (`PUBLIC KEY` or Deckhouse's `ED25519 PUBLIC KEY` label)."""
+    data = pem.encode() if isinstance(pem, str) else pem
+    data = data.replace(b"ED25519 PUBLIC KEY", b"PUBLIC KEY")
+    try:
+        key = serialization.load_pem_public_key(data)
+    except ValueError as exc:
+        raise TokenError("bad_key", "not a PEM public key") from exc
+    if not isinstance(key, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+        raise TokenError("unsupported_key", type(key).__name__)
+    algorithm_for(key)
+    return key
+
+
+def load_private_key(pem: str | bytes) -> PrivateKey:
+    data = pem.encode() if isinstance(pem, str) else pem
+    data = data.replace(b"ED25519 PRIVATE KEY", b"PRIVATE KEY")
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise TokenError("bad_key", "not an unencrypted PEM private key") from exc
+    if not isinstance(
+        key, ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+    ):
+        raise TokenError("unsupported_key", type(key).__name__)
+    algorithm_for(key)
+    return key
+
+
+def public_key_pem(key: PublicKey | PrivateKey) -> str:
+    pub = (
+        key.public_key()
+        if isinstance(
+            key, ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+        )
+        else key
+    )
+    return pub.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+
+
+def private_key_pem(key: PrivateKey) -> str:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+
+
+def mint(
+    key: PrivateKey,
+    *,
+    subject: str,
+    audience: str,
+    scope: str,
+    ttl_seconds: float,
+    issuer: str = ISSUER,
+    now: float | None = None,
+) -> str:
+    issued = int(time.time() if now is None else now)
+    claims = {
+        "iss": issuer,
+        "sub": subject,
+        "aud": audience,
+        "scope": scope,
+        "iat": issued,
+        "nbf": issued,
+        "exp": issued + int(ttl_seconds),
+        "jti": str(uuid.uuid4()),
+    }
+    return jwt.encode(claims, key, algorithm=algorithm_for(key))
+
+
+def verify(
+    token: str,
+    *,
+    audience: str,
+    scope: str,
+    key_for_subject: Callable[[str], PublicKey | None],
+    now: float | None = None,
+    leeway: float = LEEWAY_SECONDS,
+) -> Claims:
+    """Verify `token` or raise TokenError. The unverified `sub` only selects which key to try."""
+    try:
+        header = jwt.get_unverified_header(token)
+        unverified = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError as exc:
+        raise TokenError("malformed", type(exc).__name__) from exc
+    alg = header.get("alg")
+    if alg not in ALLOWED_ALGORITHMS:
+        raise TokenError("algorithm_not_allowed", str(alg))
+    subject = unverified.get("sub")
+    if not isinstance(subject, str) or not subject:
+        raise TokenError("missing_subject")
+    key = key_for_subject(subject)
+    if key is None:
+        raise TokenError("unknown_subject", subject)
+    if algorithm_for(key) != alg:
+        raise TokenError("algorithm_mismatch", f"{alg} token for a {algorithm_for(key)} key")
+    try:
+        # Time claims are checked below against `now`, so clock skew is testable and explicit.
+        claims = jwt.decode(
+            token,
+            key,
+            algorithms=[alg],
+            audience=audience,
+            options={
+                "require": ["exp", "sub", "aud"],
+                "verify_exp": False,
+                "verify_nbf": False,
+                "verify_iat": False,
+            },
+        )
+    except jwt.InvalidAudienceError as exc:
+        raise TokenError("wrong_audience") from exc
+    except jwt.InvalidSignatureError as exc:
+        raise TokenError("bad_signature") from exc
+    except jwt.MissingRequiredClaimError as exc:
+        raise TokenError("missing_claim", exc.claim) from exc
+    except jwt.PyJWTError as exc:
+        raise TokenError("invalid", type(exc).__name__) from exc
+    current = time.time() if now is None else now
+    for claim in ("exp", "nbf", "iat"):
+        if claim in claims and not isinstance(claims[claim], int | float):
+            raise TokenError("invalid", f"{claim} is not a number")
+    if current >= claims["exp"] + leeway:
+        raise TokenError("expired")
+    if "nbf" in claims and current + leeway < claims["nbf"]:
+        raise TokenError("not_yet_valid")
+    if "iat" in claims and current + leeway < claims["iat"]:
+        raise TokenError("issued_in_future")
+    if claims.get("scope") != scope:
+        raise TokenError("wrong_scope", str(claims.get("scope")))
+    return Claims(
+        subject=subject,
+        audience=audience,
+        scope=scope,
+        issuer=str(claims.get("iss", "")),
+        expires_at=float(claims["exp"]),
+        raw=claims,
+    )

@@ -1,0 +1,127 @@
+import base64
+import json
+import time
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from apiproxy import tokens
+
+AUD = "11111111-1111-4111-8111-111111111111"
+SUB = "22222222-2222-4222-8222-222222222222"
+
+
+@pytest.fixture(params=["ed25519", "p256", "rsa"])
+def keypair(request):
+    if request.param == "ed25519":
+        key = ed25519.Ed25519PrivateKey.generate()
+    elif request.param == "p256":
+        key = ec.generate_private_key(ec.SECP256R1())
+    else:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return key, key.public_key()
+
+
+def verify(token, pub, **kw):
+    return tokens.verify(
+        token,
+        audience=kw.pop("audience", AUD),
+        scope=kw.pop("scope", "api"),
+        key_for_subject=lambda s: pub if s == SUB else None,
+        **kw,
+    )
+
+
+def test_roundtrip_for_every_allowed_algorithm(keypair):
+    priv, pub = keypair
+    token = tokens.mint(priv, subject=SUB, audience=AUD, scope="api", ttl_seconds=60)
+    claims = verify(token, pub)
+    assert claims.subject == SUB
+    assert claims.scope == "api"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "reason"),
+    [
+        ({"audience": "someone-else"}, "wrong_audience"),
+        ({"scope": "private-multicluster"}, "wrong_scope"),
+        ({"now": time.time() + 3600}, "expired"),
+        ({"now": time.time() - 3600}, "not_yet_valid"),
+    ],
+)
+def test_refusals(keypair, kwargs, reason):
+    priv, pub = keypair
+    token = tokens.mint(priv, subject=SUB, audience=AUD, scope="api", ttl_seconds=60)
+    with pytest.raises(tokens.TokenError) as err:
+        verify(token, pub, **kwargs)
+    assert err.value.reason == reason
+
+
+def test_unknown_subject_and_wrong_key():
+    priv = ed25519.Ed25519PrivateKey.generate()
+    other = ed25519.Ed25519PrivateKey.generate().public_key()
+    token = tokens.mint(priv, subject=SUB, audience=AUD, scope="api", ttl_seconds=60)
+    with pytest.raises(tokens.TokenError) as err:
+        tokens.verify(token, audience=AUD, scope="api", key_for_subject=lambda s: None)
+    assert err.value.reason == "unknown_subject"
+    with pytest.raises(tokens.TokenError) as err:
+        verify(token, other)
+    assert err.value.reason == "bad_signature"
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def test_alg_none_is_refused():
+    claims = {"sub": SUB, "aud": AUD, "scope": "api", "exp": int(time.time()) + 60}
+    token = (
+        _b64(json.dumps({"alg": "none", "typ": "JWT"}).encode())
+        + "."
+        + _b64(json.dumps(claims).encode())
+        + "."
+    )
+    pub = ed25519.Ed25519PrivateKey.generate().public_key()
+    with pytest.raises(tokens.TokenError) as err:
+        verify(token, pub)
+    assert err.value.reason == "algorithm_not_allowed"
+
+
+def test_hmac_with_public_key_as_secret_is_refused():
+    priv = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = tokens.public_key_pem(priv).encode()
+    claims = {"sub": SUB, "aud": AUD, "scope": "api", "exp": int(time.time()) + 60}
+    header = _b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = _b64(json.dumps(claims).encode())
+    import hashlib
+    import hmac
+
+    sig = hmac.new(pem, f"{header}.{body}".encode(), hashlib.sha256).digest()
+    token = f"{header}.{body}.{_b64(sig)}"
+    with pytest.raises(tokens.TokenError) as err:
+        verify(token, priv.public_key())
+    assert err.value.reason == "algorithm_not_allowed"
+
+
+def test_algorithm_must_match_key_type():
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    token = tokens.mint(ec_key, subject=SUB, audience=AUD, scope="api", ttl_seconds=60)
+    ed_pub = ed25519.Ed25519PrivateKey.generate().public_key()
+    with pytest.raises(tokens.TokenError) as err:
+        verify(token, ed_pub)
+    assert err.value.reason == "algorithm_mismatch"
+
+
+def test_exp_is_required():
+    priv = ed25519.Ed25519PrivateKey.generate()
+    token = jwt.encode({"sub": SUB, "aud": AUD, "scope": "api"}, priv, algorithm="EdDSA")
+    with pytest.raises(tokens.TokenError) as err:
+        verify(token, priv.public_key())
+    assert err.value.reason == "missing_claim"
+
+
+def test_deckhouse_pem_labels_load():
+    priv = ed25519.Ed25519PrivateKey.generate()
+    pem = tokens.public_key_pem(priv).replace("PUBLIC KEY", "ED25519 PUBLIC KEY")
+    assert isinstance(tokens.load_public_key(pem), ed25519.Ed25519PublicKey)
