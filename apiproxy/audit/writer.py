@@ -106,6 +106,8 @@ class AuditWriter:
         self._queue_size = queue_size
         self._queue: asyncio.Queue[bytes] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._progress: asyncio.Condition | None = None
+        self._accepted = 0  # records accepted by write()
         self._file: IO[bytes] | None = None
         self._size = 0  # bytes in the current file
         self._partial = 0  # bytes of pending[0] already written (resumed after an error)
@@ -122,6 +124,7 @@ class AuditWriter:
         if self._task is not None:
             raise RuntimeError("AuditWriter already started")
         self._queue = asyncio.Queue(self._queue_size)
+        self._progress = asyncio.Condition()
         self._task = asyncio.create_task(self._run(), name="audit-writer")
         HEALTHY.set(1)
 
@@ -139,7 +142,16 @@ class AuditWriter:
         else:
             self._queue.put_nowait(data)
             QUEUE_WAIT.observe(0.0)
+        self._accepted += 1
         QUEUE_DEPTH.set(self.depth)
+
+    async def flush(self) -> None:
+        """Wait until every record accepted before this call is written (waits through errors)."""
+        if self._progress is None or self._task is None:
+            return
+        target, task = self._accepted, self._task
+        async with self._progress:
+            await self._progress.wait_for(lambda: self.records_written >= target or task.done())
 
     async def close(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
         """Write everything queued, then close the file. With a timeout, give up loudly after it."""
@@ -203,21 +215,23 @@ class AuditWriter:
             QUEUE_DEPTH.set(self.depth)
             try:
                 await asyncio.to_thread(self._drain_sync)
-            except OSError as exc:
+            except (OSError, ValueError) as exc:  # ValueError: a closed stream
                 self.write_errors += 1
                 WRITE_ERRORS.inc()
-                self.last_error = f"{type(exc).__name__}: {exc.strerror or exc}"
+                strerror = getattr(exc, "strerror", None)
+                self.last_error = f"{type(exc).__name__}: {strerror or exc}"
                 if not self._failing:
                     HEALTHY.set(0)
                 log.error(
                     "audit log write failed; records kept and retried",
                     target=self.target,
                     error=self.last_error,
-                    errno=exc.errno,
+                    errno=getattr(exc, "errno", None),
                     pending=self.depth,
                     retry_in=delay,
                 )
                 self._failing = True
+                await self._notify()
                 await asyncio.sleep(delay)
                 delay = min(max(delay * 2, 0.01), self.retry_max)
                 continue
@@ -227,6 +241,12 @@ class AuditWriter:
             self._failing = False
             delay = self.retry_initial
             QUEUE_DEPTH.set(self.depth)
+            await self._notify()
+
+    async def _notify(self) -> None:
+        assert self._progress is not None
+        async with self._progress:
+            self._progress.notify_all()
 
     # -- synchronous file work (runs in a worker thread) ----------------------------------------
 
