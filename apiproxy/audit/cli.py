@@ -1,0 +1,94 @@
+"""`apiproxy audit summarize|suggest FILE...`: review what peers read and what was refused."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from apiproxy.audit.review import Filter, parse_when, render_table, summarize
+from apiproxy.audit.suggest import render, suggest
+from apiproxy.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{message} (see --help)")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "files",
+        nargs="+",
+        metavar="FILE",
+        help="audit log files (rotated and .gz files too; '-' reads stdin)",
+    )
+    p.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="only this peer (repeatable); 'system:anonymous' selects authentication failures",
+    )
+    p.add_argument(
+        "--since",
+        metavar="TIME",
+        help="only requests received at or after TIME: RFC 3339, a date, or an age like 2h, 7d",
+    )
+    p.add_argument("--until", metavar="TIME", help="only requests received before TIME")
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    s = sub.add_parser(
+        "summarize",
+        help="per-peer requests, refusals, errors, bytes, watch time and top refused requests",
+    )
+    _common(s)
+    s.add_argument(
+        "--denied",
+        action="store_true",
+        help="only refused requests (policy denials and authentication failures)",
+    )
+    s.add_argument("--output", "-o", choices=("table", "json"), default="table")
+    s.add_argument("--top", type=int, default=10, metavar="N", help="refused requests to list")
+    g = sub.add_parser(
+        "suggest",
+        help="policy rules that would have allowed the denied requests (for review, never applied)",
+    )
+    _common(g)
+    return parser
+
+
+def _filter(args: argparse.Namespace, denied_only: bool = False) -> Filter:
+    since = parse_when(args.since) if args.since else None
+    until = parse_when(args.until) if args.until else None
+    if since and until and since >= until:
+        raise UserError(f"--since ({since}) must be before --until ({until})")
+    return Filter(frozenset(args.peer), since, until, denied_only)
+
+
+def main(argv: list[str], prog: str) -> int:
+    args = _parser(prog).parse_args(argv)
+    if args.files.count("-") > 1:
+        raise UserError("stdin ('-') can be given only once")
+    if args.command == "summarize":
+        if args.top < 0:
+            raise UserError("--top must be 0 or more")
+        summary = summarize(args.files, _filter(args, args.denied))
+        if args.output == "json":
+            json.dump(summary.to_dict(args.top), sys.stdout, indent=2)
+            sys.stdout.write("\n")
+        else:
+            sys.stdout.write(render_table(summary, args.top))
+        return 0
+    result = suggest(args.files, _filter(args))
+    sys.stdout.write(render(result, result.stats.files))
+    if result.stats.malformed:
+        print(
+            f"{prog}: warning: {result.stats.malformed} malformed line(s) skipped, e.g. "
+            f"{result.stats.malformed_examples[0]}",
+            file=sys.stderr,
+        )
+    return 0
