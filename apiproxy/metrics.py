@@ -1,0 +1,92 @@
+"""Prometheus metrics of one proxy instance (its own registry, so tests can run several)."""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "apiproxy_requests",
+            "Requests by peer, verb, resource, HTTP code and policy decision.",
+            ["peer", "verb", "resource", "code", "decision"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "apiproxy_request_duration_seconds",
+            "Time to the response headers (watches) or to the end of the response (others).",
+            ["peer", "verb", "resource"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_latency = Histogram(
+            "apiproxy_upstream_response_headers_seconds",
+            "Time from sending the request upstream to its response headers.",
+            ["verb"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.authn_failures = Counter(
+            "apiproxy_authentication_failures",
+            "Requests refused by authentication, by reason code.",
+            ["reason"],
+            registry=r,
+        )
+        self.open_watches = Gauge(
+            "apiproxy_open_watches", "Watches being streamed, by peer.", ["peer"], registry=r
+        )
+        self.inflight = Gauge(
+            "apiproxy_inflight_requests",
+            "Non-watch requests being served, by peer.",
+            ["peer"],
+            registry=r,
+        )
+        self.watch_events = Counter(
+            "apiproxy_watch_events", "Watch events forwarded, by peer.", ["peer"], registry=r
+        )
+        self.bytes_sent = Counter(
+            "apiproxy_response_bytes", "Response body bytes sent to peers.", ["peer"], registry=r
+        )
+        self.upstream_errors = Counter(
+            "apiproxy_upstream_errors",
+            "Upstream failures: connect, timeout, reset mid-stream.",
+            ["kind"],
+            registry=r,
+        )
+        self.limited = Counter(
+            "apiproxy_rate_limited",
+            "Requests refused with 429 by a per-peer limit.",
+            ["peer", "limit"],
+            registry=r,
+        )
+        self.reloads = Counter(
+            "apiproxy_reloads",
+            "Reloads of watched inputs by what and result (success|failure).",
+            ["what", "result"],
+            registry=r,
+        )
+        self.last_reload = Gauge(
+            "apiproxy_last_successful_reload_timestamp_seconds",
+            "When each input was last loaded successfully.",
+            ["what"],
+            registry=r,
+        )
+        self.upstream_up = Gauge(
+            "apiproxy_upstream_up", "1 when the last upstream probe succeeded.", registry=r
+        )
+
+    def render(self) -> bytes:
+        """This instance's registry followed by the process-wide default registry
+        (process/platform collectors and module-level metrics such as the audit writer's)."""
+        return generate_latest(self.registry) + generate_latest(REGISTRY)
