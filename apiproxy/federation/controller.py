@@ -1,0 +1,856 @@
+"""The federation controller: one reconcile pass keeps every artifact in step with the
+IstioMulticluster objects and their peers' metadata.
+
+A pass (leader only):
+1. lists IstioMulticluster objects, adds the finalizer to new ones;
+2. for each peer due for a fetch (backoff with jitter after failures): public.json, then
+   multicluster.json with a one-minute JWT; validated documents replace the status cache, failures
+   only flip conditions (the last good cache stays in use);
+3. from the caches writes, only when the bytes change: the remote secrets, the api-proxy's peers
+   Secret, `caCertificates` and `meshNetworks` in the `istio` ConfigMap;
+4. removes what belonged to deleted objects, then their finalizer;
+5. probes each peer's api-proxy (`GET /api` → `kind: APIVersions`) with the credentials written;
+6. writes status (conditions with stable lastTransitionTime, foreign conditions kept) and emits
+   Events on transitions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import copy
+import datetime as dt
+import json
+import os
+import random
+import ssl
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import yaml
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from apiproxy import tokens
+from apiproxy.federation import artifacts
+from apiproxy.federation.exporter import PeerRegistry
+from apiproxy.federation.identity import LocalIdentity, cluster_id
+from apiproxy.federation.kube import (
+    IMC_PATH,
+    Kube,
+    KubeError,
+    Obj,
+    configmap_path,
+    secret_path,
+)
+from apiproxy.federation.metadata import (
+    PRIVATE_SCOPE,
+    MetadataError,
+    PrivateMetadata,
+    PublicMetadata,
+    fetch_json,
+    parse_private,
+    parse_public,
+    ssl_context,
+)
+from apiproxy.log import get_logger, redact_text
+
+log = get_logger("apiproxy.federation.controller")
+
+FINALIZER = "apiproxy.io/federation"
+PUBLIC = "PublicMetadataExchangeReady"
+PRIVATE = "PrivateMetadataExchangeReady"
+REMOTE_API = "RemoteAPIServerReady"
+CONDITION_TYPES = (PUBLIC, PRIVATE, REMOTE_API)
+PEERS_SECRET = "apiproxy-peers"  # noqa: S105 - a name
+PEERS_KEY = "peers.yaml"
+MESH_CONFIGMAP = "istio"
+EVENT_SOURCE = "apiproxy-federation"
+
+
+class NotLeader(Exception):
+    """Raised before a write when this replica may no longer write."""
+
+
+def rfc3339(now: float | None = None) -> str:
+    t = dt.datetime.fromtimestamp(time.time() if now is None else now, dt.UTC)
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class ControllerSettings:
+    namespace: str
+    istio_namespace: str
+    cluster_domain: str
+    credential_ttl: float = 24 * 3600.0
+    rotate_fraction: float = 2 / 3
+    resync_interval: float = 60.0
+    backoff_base: float = 5.0
+    backoff_max: float = 300.0
+    fetch_timeout: float = 10.0
+    probe_timeout: float = 10.0
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.fetch_errors = Counter(
+            "apiproxy_federation_metadata_fetch_errors_total",
+            "Failed metadata fetches by peer, document and reason.",
+            ["peer", "document", "reason"],
+            registry=registry,
+        )
+        self.api_check_errors = Counter(
+            "apiproxy_federation_remote_api_check_errors_total",
+            "Failed probes of a peer's api-proxy.",
+            ["peer"],
+            registry=registry,
+        )
+        self.reconcile_duration = Histogram(
+            "apiproxy_federation_reconcile_duration_seconds",
+            "Duration of a reconcile pass.",
+            registry=registry,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        self.condition = Gauge(
+            "apiproxy_federation_condition",
+            "Condition status by peer and type (1 True, 0 False or Unknown).",
+            ["peer", "type"],
+            registry=registry,
+        )
+        self.credential_expiry = Gauge(
+            "apiproxy_federation_credentials_expiry_timestamp_seconds",
+            "Expiry of the credentials in a peer's remote secret.",
+            ["peer"],
+            registry=registry,
+        )
+        self.writes = Counter(
+            "apiproxy_federation_artifact_writes_total",
+            "Writes of artifacts (only on change).",
+            ["kind"],
+            registry=registry,
+        )
+        self.leader = Gauge(
+            "apiproxy_federation_leader", "1 while this replica holds the Lease.", registry=registry
+        )
+
+
+@dataclass
+class PeerState:
+    failures: int = 0
+    next_fetch: float = 0.0  # monotonic
+    next_rotation: float = float("inf")  # wall clock
+
+
+@dataclass
+class PassReport:
+    """What one pass did; returned by `Controller.reconcile`."""
+
+    conditions: dict[str, dict[str, Obj]] = field(default_factory=dict)
+    writes: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Work:
+    obj: Obj
+    status: Obj
+    conditions: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+    kubeconfig: Obj | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.obj["metadata"]["name"])
+
+    @property
+    def deleting(self) -> bool:
+        return bool(self.obj["metadata"].get("deletionTimestamp"))
+
+    @property
+    def spec(self) -> Obj:
+        return dict(self.obj.get("spec") or {})
+
+    def public(self) -> PublicMetadata | None:
+        doc = (self.status.get("metadataCache") or {}).get("public")
+        try:
+            return parse_public(doc) if doc else None
+        except MetadataError:
+            return None
+
+    def private(self) -> PrivateMetadata | None:
+        doc = (self.status.get("metadataCache") or {}).get("private")
+        try:
+            return parse_private(doc, require_gateways=False) if doc else None
+        except MetadataError:
+            return None
+
+    def set(self, ctype: str, ok: bool, reason: str, message: str) -> None:
+        self.conditions[ctype] = ("True" if ok else "False", reason, redact_text(message)[:1000])
+
+
+def merge_conditions(
+    existing: list[Obj], updates: dict[str, tuple[str, str, str]], generation: int, now: str
+) -> list[Obj]:
+    """metav1.Condition semantics: lastTransitionTime changes only with status; conditions of
+    other types (written by others) are kept as they are."""
+    out: list[Obj] = []
+    seen: set[str] = set()
+    for cond in existing:
+        ctype = cond.get("type")
+        if ctype in updates:
+            status, reason, message = updates[str(ctype)]
+            new = {
+                "type": ctype,
+                "status": status,
+                "reason": reason,
+                "message": message,
+                "observedGeneration": generation,
+                "lastTransitionTime": cond.get("lastTransitionTime") or now,
+            }
+            if cond.get("status") != status:
+                new["lastTransitionTime"] = now
+            out.append(new)
+            seen.add(str(ctype))
+        else:
+            out.append(cond)
+    for ctype in CONDITION_TYPES:
+        if ctype in updates and ctype not in seen:
+            status, reason, message = updates[ctype]
+            out.append(
+                {
+                    "type": ctype,
+                    "status": status,
+                    "reason": reason,
+                    "message": message,
+                    "observedGeneration": generation,
+                    "lastTransitionTime": now,
+                }
+            )
+    return out
+
+
+def _b64d(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return base64.b64decode(value).decode()
+    except ValueError:
+        return None
+
+
+def _b64e(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+class Controller:
+    def __init__(
+        self,
+        *,
+        kube: Kube,
+        identity: LocalIdentity,
+        settings: ControllerSettings,
+        registry: PeerRegistry,
+        metrics: Metrics,
+        can_write: Callable[[], bool],
+    ) -> None:
+        self.kube = kube
+        self.identity = identity
+        self.settings = settings
+        self.registry = registry
+        self.metrics = metrics
+        self.can_write = can_write
+        self.peers: dict[str, PeerState] = {}
+        self._wake = asyncio.Event()
+        self._force = False
+        self._lock = asyncio.Lock()
+        self._session: aiohttp.ClientSession | None = None
+        self.passes = 0
+        self.last_report: PassReport | None = None
+        self._pass_done = asyncio.Condition()
+
+    # ------------------------------------------------------------------ loop
+
+    def trigger(self, *, force: bool = False, name: str | None = None) -> None:
+        if name is not None:
+            self.peers.setdefault(name, PeerState()).next_fetch = 0.0
+        self._force = self._force or force
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            if self.can_write():
+                force, self._force = self._force, False
+                self._wake.clear()
+                try:
+                    await self.reconcile(force=force)
+                except NotLeader:
+                    log.info("lost leadership during a pass; stopped writing")
+                except Exception as exc:  # a pass must never kill the loop
+                    log.error("reconcile pass failed", error=redact_text(str(exc)))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self._sleep_for())
+
+    def _sleep_for(self) -> float:
+        if not self.can_write():
+            return 0.5
+        now_m, now_w = time.monotonic(), time.time()
+        delay = self.settings.resync_interval
+        for st in self.peers.values():
+            delay = min(delay, st.next_fetch - now_m, st.next_rotation - now_w)
+        return max(0.05, delay)
+
+    async def wait_for_pass(self, after: int, timeout: float = 30.0) -> PassReport:  # noqa: ASYNC109
+        async def _wait() -> PassReport:
+            async with self._pass_done:
+                await self._pass_done.wait_for(lambda: self.passes > after)
+            assert self.last_report is not None
+            return self.last_report
+
+        return await asyncio.wait_for(_wait(), timeout)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(trust_env=False)
+        return self._session
+
+    def _check_writer(self) -> None:
+        if not self.can_write():
+            raise NotLeader()
+
+    # ------------------------------------------------------------------ pass
+
+    async def reconcile(self, *, force: bool = False) -> PassReport:
+        async with self._lock:
+            started = time.monotonic()
+            report = PassReport()
+            try:
+                await self._reconcile(report, force)
+            finally:
+                self.metrics.reconcile_duration.observe(time.monotonic() - started)
+                self.passes += 1
+                self.last_report = report
+                async with self._pass_done:
+                    self._pass_done.notify_all()
+            return report
+
+    async def _reconcile(self, report: PassReport, force: bool) -> None:
+        listing = await self.kube.list(IMC_PATH)
+        works = [
+            Work(obj, copy.deepcopy(obj.get("status") or {}))
+            for obj in sorted(listing.get("items") or [], key=lambda o: o["metadata"]["name"])
+        ]
+        names = {w.name for w in works}
+        for gone in set(self.peers) - names:
+            self.peers.pop(gone, None)
+            self.registry.remove(gone)
+
+        # 1-2: finalizers and metadata exchange, peers concurrently.
+        active = [w for w in works if not w.deleting]
+        await asyncio.gather(*(self._exchange(w, force, report) for w in active))
+
+        # Known peers for the exporter: every active object with a public cache.
+        known: dict[str, tuple[str, str]] = {}
+        for w in active:
+            pub = w.public()
+            if pub is not None:
+                known[w.name] = (pub.cluster_uuid, pub.authn_key_pub)
+        self.registry.replace_all(known)
+
+        # 3-4: artifacts.
+        for w in active:
+            await self._remote_secret(w, report)
+        await self._sweep_remote_secrets({w.name for w in active}, report)
+        await self._peers_secret(active, report)
+        await self._mesh_config(active, report)
+        for w in works:
+            if w.deleting:
+                await self._drop_finalizer(w, report)
+
+        # 5: probes, 6: status.
+        await asyncio.gather(*(self._probe(w) for w in active))
+        for w in active:
+            await self._write_status(w, report)
+
+    # ------------------------------------------------------------------ exchange
+
+    async def _exchange(self, w: Work, force: bool, report: PassReport) -> None:
+        if FINALIZER not in (w.obj["metadata"].get("finalizers") or []):
+            self._check_writer()
+            finalizers = [*(w.obj["metadata"].get("finalizers") or []), FINALIZER]
+            updated = await self.kube.merge_patch(
+                f"{IMC_PATH}/{w.name}",
+                {
+                    "metadata": {
+                        "finalizers": finalizers,
+                        "resourceVersion": w.obj["metadata"]["resourceVersion"],
+                    }
+                },
+            )
+            w.obj["metadata"] = updated.get("metadata", w.obj["metadata"])
+        state = self.peers.setdefault(w.name, PeerState())
+        if not force and time.monotonic() < state.next_fetch:
+            return
+        ok = await self._fetch(w, report)
+        if ok:
+            state.failures = 0
+            state.next_fetch = time.monotonic() + self.settings.resync_interval
+        else:
+            state.failures += 1
+            backoff = min(
+                self.settings.backoff_max,
+                self.settings.backoff_base * 2 ** min(state.failures - 1, 16),
+            )
+            state.next_fetch = time.monotonic() + backoff * random.uniform(0.5, 1.0)  # noqa: S311
+
+    async def _fetch(self, w: Work, report: PassReport) -> bool:
+        spec = w.spec
+        endpoint = str(spec.get("metadataEndpoint") or "").rstrip("/")
+        meta = spec.get("metadata") or {}
+        cache = w.status.setdefault("metadataCache", {})
+        pinned = w.status.get("pinnedClusterUUID") or (cache.get("public") or {}).get("clusterUUID")
+        if not endpoint.startswith("https://"):
+            w.set(PUBLIC, False, "FetchFailed", "only https:// metadata endpoints are supported")
+            w.set(PRIVATE, False, "AwaitingPublic", "public metadata is not available")
+            return False
+        try:
+            ctx = ssl_context(meta.get("ca"), bool(meta.get("insecureSkipVerify")))
+        except MetadataError as exc:
+            w.set(PUBLIC, False, exc.reason, exc.message)
+            return False
+        session = self._http()
+        timeout = self.settings.fetch_timeout
+        ok = True
+        mismatch = False
+        try:
+            pub = parse_public(
+                await fetch_json(
+                    session, f"{endpoint}/public/public.json", ctx=ctx, timeout=timeout
+                )
+            )
+        except MetadataError as exc:
+            ok = False
+            self.metrics.fetch_errors.labels(w.name, "public", exc.reason).inc()
+            w.set(PUBLIC, False, exc.reason, exc.message)
+            log.warning("public metadata fetch failed", peer=w.name, reason=exc.reason)
+        else:
+            if pinned and pub.cluster_uuid != pinned:
+                ok, mismatch = False, True
+                msg = (
+                    f"the peer now reports cluster UUID {pub.cluster_uuid}, pinned {pinned}; "
+                    "refused (recreate the IstioMulticluster to trust the new cluster)"
+                )
+                self.metrics.fetch_errors.labels(w.name, "public", "ClusterUUIDMismatch").inc()
+                w.set(PUBLIC, False, "ClusterUUIDMismatch", msg)
+                log.warning("peer cluster UUID changed; refused", peer=w.name)
+            elif pub.cluster_uuid == self.identity.cluster_uuid:
+                ok = False
+                w.set(PUBLIC, False, "InvalidPublicMetadata", "the peer is this cluster itself")
+            else:
+                cache["public"] = pub.to_dict()
+                cache["publicLastFetchTimestamp"] = rfc3339()
+                w.status["pinnedClusterUUID"] = pub.cluster_uuid
+                w.set(PUBLIC, True, "Fetched", "public metadata fetched and valid")
+                self.registry.set(w.name, pub.cluster_uuid, pub.authn_key_pub)
+        cached = w.public()
+        if mismatch:
+            w.set(PRIVATE, False, "ClusterUUIDMismatch", "exchange stopped: peer identity changed")
+            return False
+        if cached is None:
+            w.set(PRIVATE, False, "AwaitingPublic", "public metadata is not available")
+            return False
+        try:
+            token = tokens.mint(
+                self.identity.signing_key,
+                subject=self.identity.cluster_uuid,
+                audience=cached.cluster_uuid,
+                scope=PRIVATE_SCOPE,
+                ttl_seconds=60,
+            )
+        except tokens.TokenError as exc:
+            w.set(PRIVATE, False, "TokenGenerationFailed", exc.reason)
+            return False
+        try:
+            priv = parse_private(
+                await fetch_json(
+                    session,
+                    f"{endpoint}/private/multicluster.json",
+                    ctx=ctx,
+                    token=token,
+                    timeout=timeout,
+                ),
+                require_gateways=bool(spec.get("enableIngressGateway", True)),
+            )
+            if priv.cluster_uuid and priv.cluster_uuid != cached.cluster_uuid:
+                raise MetadataError(
+                    "InvalidPrivateMetadata", "private metadata names another cluster UUID"
+                )
+        except MetadataError as exc:
+            self.metrics.fetch_errors.labels(w.name, "private", exc.reason).inc()
+            w.set(PRIVATE, False, exc.reason, exc.message)
+            log.warning("private metadata fetch failed", peer=w.name, reason=exc.reason)
+            return False
+        cache["private"] = priv.to_dict()
+        cache["privateLastFetchTimestamp"] = rfc3339()
+        w.set(PRIVATE, True, "Fetched", "private metadata fetched and valid")
+        return ok
+
+    # ------------------------------------------------------------------ artifacts
+
+    def _peer_cluster_id(self, pub: PublicMetadata, priv: PrivateMetadata) -> str:
+        # Recent peers publish clusterID; older ones share our cluster domain (same mesh).
+        return priv.cluster_id or cluster_id(self.settings.cluster_domain, pub.cluster_uuid)
+
+    async def _remote_secret(self, w: Work, report: PassReport) -> None:
+        pub, priv = w.public(), w.private()
+        if pub is None or priv is None:
+            return
+        peer_id = self._peer_cluster_id(pub, priv)
+        ns = self.settings.istio_namespace
+        name = artifacts.REMOTE_SECRET_PREFIX + w.name
+        existing = await self.kube.get(secret_path(ns, name))
+        meta = w.spec.get("metadata") or {}
+        now = time.time()
+        creds: artifacts.Credentials | None = None
+        old_text = _b64d(((existing or {}).get("data") or {}).get(peer_id))
+        if old_text:
+            try:
+                old_kc = yaml.safe_load(old_text)
+            except yaml.YAMLError:
+                old_kc = None
+            if isinstance(old_kc, dict):
+                creds = artifacts.credentials_from_kubeconfig(
+                    old_kc,
+                    client_ca=self.identity.client_ca,
+                    signing_key=self.identity.signing_key,
+                    local_uuid=self.identity.cluster_uuid,
+                    peer_uuid=pub.cluster_uuid,
+                    now=now,
+                )
+        ttl = self.settings.credential_ttl
+        if (
+            creds is None
+            or creds.due(now, self.settings.rotate_fraction)
+            or creds.expires_at - creds.issued_at > ttl + 1
+        ):
+            creds = artifacts.issue_credentials(
+                client_ca=self.identity.client_ca,
+                signing_key=self.identity.signing_key,
+                local_uuid=self.identity.cluster_uuid,
+                peer_uuid=pub.cluster_uuid,
+                ttl_seconds=ttl,
+                now=now,
+            )
+        kubeconfig = artifacts.build_kubeconfig(
+            name=peer_id,
+            server=f"https://{priv.api_host}",
+            ca_pem=meta.get("ca"),
+            credentials=creds,
+            insecure_skip_verify=bool(meta.get("insecureSkipVerify")),
+        )
+        w.kubeconfig = kubeconfig
+        desired = artifacts.remote_secret(
+            imc_name=w.name,
+            imc_uid=str(w.obj["metadata"].get("uid", "")),
+            namespace=ns,
+            peer_cluster_id=peer_id,
+            kubeconfig_text=artifacts.dump_yaml(kubeconfig),
+        )
+        state = self.peers.setdefault(w.name, PeerState())
+        state.next_rotation = (
+            creds.issued_at + (creds.expires_at - creds.issued_at) * self.settings.rotate_fraction
+        )
+        self.metrics.credential_expiry.labels(w.name).set(creds.expires_at)
+        if existing is not None and _same_secret(existing, desired):
+            return
+        self._check_writer()
+        if existing is None:
+            await self.kube.create(secret_path(ns), desired)
+        else:
+            desired["metadata"]["resourceVersion"] = existing["metadata"]["resourceVersion"]
+            await self.kube.replace(secret_path(ns, name), desired)
+        self.metrics.writes.labels("remote-secret").inc()
+        report.writes.append(f"secret/{ns}/{name}")
+        log.info("remote secret written", peer=w.name, cluster_id=peer_id)
+
+    async def _sweep_remote_secrets(self, active: set[str], report: PassReport) -> None:
+        ns = self.settings.istio_namespace
+        selector = f"{artifacts.MANAGED_BY_LABEL}={artifacts.MANAGED_BY},{artifacts.OWNER_LABEL}"
+        listing = await self.kube.list(secret_path(ns), label_selector=selector)
+        for item in listing.get("items") or []:
+            owner = (item["metadata"].get("labels") or {}).get(artifacts.OWNER_LABEL)
+            if owner in active:
+                continue
+            self._check_writer()
+            await self.kube.delete(secret_path(ns, item["metadata"]["name"]))
+            self.metrics.writes.labels("remote-secret-delete").inc()
+            report.writes.append(f"delete secret/{ns}/{item['metadata']['name']}")
+            log.info("remote secret removed", peer=owner)
+
+    async def _peers_secret(self, active: list[Work], report: PassReport) -> None:
+        entries = []
+        for w in active:
+            pub = w.public()
+            if pub is not None:
+                entries.append(
+                    artifacts.PeerEntry(w.name, pub.cluster_uuid, pub.authn_key_pub, pub.client_ca)
+                )
+        text = artifacts.render_peers(entries)
+        ns = self.settings.namespace
+        existing = await self.kube.get(secret_path(ns, PEERS_SECRET))
+        if existing is not None and _b64d((existing.get("data") or {}).get(PEERS_KEY)) == text:
+            return
+        self._check_writer()
+        if existing is None:
+            body: Obj = {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "type": "Opaque",
+                "metadata": {
+                    "name": PEERS_SECRET,
+                    "namespace": ns,
+                    "labels": {artifacts.MANAGED_BY_LABEL: artifacts.MANAGED_BY},
+                },
+                "data": {PEERS_KEY: _b64e(text)},
+            }
+            await self.kube.create(secret_path(ns), body)
+        else:
+            body = copy.deepcopy(existing)
+            body.setdefault("data", {})[PEERS_KEY] = _b64e(text)
+            body.pop("stringData", None)
+            await self.kube.replace(secret_path(ns, PEERS_SECRET), body)
+        self.metrics.writes.labels("peers").inc()
+        report.writes.append(f"secret/{ns}/{PEERS_SECRET}")
+        log.info("peers file written", peers=[e.name for e in entries])
+
+    async def _mesh_config(self, active: list[Work], report: PassReport) -> None:
+        ns = self.settings.istio_namespace
+        cm = await self.kube.get(configmap_path(ns, MESH_CONFIGMAP))
+        if cm is None:
+            report.errors.append(f"configmap {ns}/{MESH_CONFIGMAP} not found; mesh trust not set")
+            log.warning("mesh ConfigMap missing", namespace=ns, name=MESH_CONFIGMAP)
+            return
+        data = dict(cm.get("data") or {})
+        annotations = dict(cm["metadata"].get("annotations") or {})
+        try:
+            mesh = yaml.safe_load(data.get("mesh") or "") or {}
+            networks_doc = yaml.safe_load(data.get("meshNetworks") or "") or {}
+        except yaml.YAMLError:
+            report.errors.append(f"configmap {ns}/{MESH_CONFIGMAP}: mesh YAML does not parse")
+            return
+        if not isinstance(mesh, dict) or not isinstance(networks_doc, dict):
+            report.errors.append(f"configmap {ns}/{MESH_CONFIGMAP}: mesh is not a mapping")
+            return
+        owned_ca = set(json.loads(annotations.get(artifacts.OWNED_CA_ANNOTATION) or "[]"))
+        owned_nets = set(json.loads(annotations.get(artifacts.OWNED_NETWORKS_ANNOTATION) or "[]"))
+        ca_desired: dict[str, tuple[str, list[str]]] = {}
+        net_desired: list[artifacts.NetworkSpec] = []
+        for w in active:
+            pub, priv = w.public(), w.private()
+            if pub is None:
+                continue
+            ca_desired[w.name] = (pub.root_ca, [self.settings.cluster_domain])
+            if priv is not None and w.spec.get("enableIngressGateway", True):
+                net_desired.append(
+                    artifacts.NetworkSpec(
+                        network=priv.network_name,
+                        registries=(self._peer_cluster_id(pub, priv), w.name),
+                        gateways=priv.ingress_gateways,
+                    )
+                )
+        new_mesh, new_owned_ca = artifacts.merge_ca_certificates(mesh, ca_desired, owned_ca)
+        new_nets, new_owned_nets = artifacts.merge_mesh_networks(
+            networks_doc, net_desired, owned_nets
+        )
+        new_data = dict(data)
+        if new_mesh != mesh:
+            new_data["mesh"] = artifacts.dump_yaml(new_mesh)
+        if new_nets != networks_doc and ("meshNetworks" in data or new_owned_nets):
+            new_data["meshNetworks"] = artifacts.dump_yaml(new_nets)
+        new_ann = dict(annotations)
+        new_ann[artifacts.OWNED_CA_ANNOTATION] = json.dumps(sorted(new_owned_ca))
+        new_ann[artifacts.OWNED_NETWORKS_ANNOTATION] = json.dumps(sorted(new_owned_nets))
+        if not new_owned_ca and artifacts.OWNED_CA_ANNOTATION not in annotations:
+            new_ann.pop(artifacts.OWNED_CA_ANNOTATION)
+        if not new_owned_nets and artifacts.OWNED_NETWORKS_ANNOTATION not in annotations:
+            new_ann.pop(artifacts.OWNED_NETWORKS_ANNOTATION)
+        if new_data == data and new_ann == annotations:
+            return
+        self._check_writer()
+        body = copy.deepcopy(cm)
+        body["data"] = new_data
+        body["metadata"]["annotations"] = new_ann
+        await self.kube.replace(configmap_path(ns, MESH_CONFIGMAP), body)
+        self.metrics.writes.labels("mesh-config").inc()
+        report.writes.append(f"configmap/{ns}/{MESH_CONFIGMAP}")
+        log.info("mesh config written", peers=sorted(ca_desired), networks=sorted(new_owned_nets))
+
+    async def _drop_finalizer(self, w: Work, report: PassReport) -> None:
+        finalizers = list(w.obj["metadata"].get("finalizers") or [])
+        if FINALIZER not in finalizers:
+            return
+        self._check_writer()
+        finalizers.remove(FINALIZER)
+        await self.kube.merge_patch(
+            f"{IMC_PATH}/{w.name}",
+            {
+                "metadata": {
+                    "finalizers": finalizers or None,
+                    "resourceVersion": w.obj["metadata"]["resourceVersion"],
+                }
+            },
+        )
+        self.peers.pop(w.name, None)
+        self.registry.remove(w.name)
+        report.writes.append(f"finalizer removed from {w.name}")
+        log.info("peer removed", peer=w.name)
+
+    # ------------------------------------------------------------------ probe
+
+    async def _probe(self, w: Work) -> None:
+        if w.kubeconfig is None:
+            if w.private() is None:
+                w.set(REMOTE_API, False, "AwaitingPrivate", "private metadata is not available")
+            return
+        try:
+            await probe_api(w.kubeconfig, timeout=self.settings.probe_timeout)
+        except ProbeError as exc:
+            self.metrics.api_check_errors.labels(w.name).inc()
+            w.set(REMOTE_API, False, "RemoteAPIUnreachable", exc.message)
+            return
+        w.set(REMOTE_API, True, "APIVersionsServed", "the peer's api-proxy answered GET /api")
+
+    # ------------------------------------------------------------------ status
+
+    async def _write_status(self, w: Work, report: PassReport) -> None:
+        old_conditions = list((w.obj.get("status") or {}).get("conditions") or [])
+        generation = int(w.obj["metadata"].get("generation") or 0)
+        merged = merge_conditions(old_conditions, w.conditions, generation, rfc3339())
+        w.status["conditions"] = merged
+        w.status["observedGeneration"] = generation
+        by_type = {c.get("type"): c for c in merged}
+        report.conditions[w.name] = {t: by_type[t] for t in CONDITION_TYPES if t in by_type}
+        for ctype in CONDITION_TYPES:
+            if ctype in by_type:
+                self.metrics.condition.labels(w.name, ctype).set(
+                    1 if by_type[ctype]["status"] == "True" else 0
+                )
+        if w.status == (w.obj.get("status") or {}):
+            return
+        self._check_writer()
+        try:
+            await self.kube.merge_patch(f"{IMC_PATH}/{w.name}/status", {"status": w.status})
+        except KubeError as exc:
+            report.errors.append(f"status of {w.name}: {exc}")
+            log.warning("status write failed", peer=w.name, error=str(exc))
+            return
+        old_by_type = {c.get("type"): c for c in old_conditions}
+        for ctype in CONDITION_TYPES:
+            new = by_type.get(ctype)
+            old = old_by_type.get(ctype)
+            if new is None or (old is not None and old.get("status") == new["status"]):
+                continue
+            await self._event(w, new)
+
+    async def _event(self, w: Work, cond: Obj) -> None:
+        ok = cond["status"] == "True"
+        now = rfc3339()
+        body: Obj = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{w.name}.", "namespace": "default"},
+            "involvedObject": {
+                "apiVersion": "deckhouse.io/v1alpha1",
+                "kind": "IstioMulticluster",
+                "name": w.name,
+                "uid": w.obj["metadata"].get("uid", ""),
+                "resourceVersion": w.obj["metadata"].get("resourceVersion", ""),
+            },
+            "type": "Normal" if ok else "Warning",
+            "reason": f"{cond['type']}{'True' if ok else 'False'}",
+            "message": f"{cond['reason']}: {cond['message']}"[:1024],
+            "source": {"component": EVENT_SOURCE},
+            "reportingComponent": EVENT_SOURCE,
+            "reportingInstance": EVENT_SOURCE,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            await self.kube.create("/api/v1/namespaces/default/events", body)
+        except KubeError as exc:
+            log.warning("event not recorded", peer=w.name, error=str(exc))
+
+
+def _same_secret(existing: Obj, desired: Obj) -> bool:
+    if (existing.get("data") or {}) != desired["data"]:
+        return False
+    meta, want = existing.get("metadata") or {}, desired["metadata"]
+    labels = meta.get("labels") or {}
+    annotations = meta.get("annotations") or {}
+    return all(labels.get(k) == v for k, v in want["labels"].items()) and all(
+        annotations.get(k) == v for k, v in want["annotations"].items()
+    )
+
+
+class ProbeError(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+async def probe_api(kubeconfig: Obj, *, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+    """GET <server>/api with the kubeconfig's credentials; expect `kind: APIVersions`."""
+    cluster = kubeconfig["clusters"][0]["cluster"]
+    user = kubeconfig["users"][0]["user"]
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    ca = _b64d(cluster.get("certificate-authority-data"))
+    if ca:
+        ctx.load_verify_locations(cadata=ca)
+    if cluster.get("insecure-skip-tls-verify"):
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    cert, key = _b64d(user.get("client-certificate-data")), _b64d(user.get("client-key-data"))
+    if cert and key:
+        # ssl only loads client keys from files: a private 0600 file, removed at once.
+        fd, path = tempfile.mkstemp(prefix="apiproxy-probe-", suffix=".pem")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(cert + key)
+            ctx.load_cert_chain(path)
+        finally:
+            os.unlink(path)
+    headers = {"Accept": "application/json"}
+    if user.get("token"):
+        headers["Authorization"] = f"Bearer {user['token']}"
+    url = str(cluster["server"]).rstrip("/") + "/api"
+    try:
+        async with (
+            aiohttp.ClientSession(trust_env=False) as session,
+            session.get(
+                url, headers=headers, ssl=ctx, timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as resp,
+        ):
+            body = await resp.content.read(1 << 16)
+            if resp.status != 200:
+                raise ProbeError(f"GET {url} answered {resp.status}")
+    except ProbeError:
+        raise
+    except TimeoutError:
+        raise ProbeError(f"GET {url} timed out") from None
+    except (aiohttp.ClientError, ssl.SSLError, OSError) as exc:
+        raise ProbeError(f"GET {url} failed: {type(exc).__name__}") from None
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        raise ProbeError(f"GET {url}: not JSON") from None
+    if not isinstance(doc, dict) or doc.get("kind") != "APIVersions":
+        raise ProbeError(f"GET {url}: expected kind APIVersions")

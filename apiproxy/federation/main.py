@@ -1,0 +1,522 @@
+"""`apiproxy federate`: CLI, configuration and the `Federation` factory wiring everything.
+
+```python
+fed = Federation(FederationConfig(cluster_domain="cluster.local", api_host="b.example:4443",
+                                  exporter_listen="127.0.0.1:0", leader_elect=False), api_client)
+await fed.start()            # identity, exporter (fed.exporter_port), watch, election, controller
+report = await fed.reconcile()   # run one pass now (leader only) and get its PassReport
+await fed.stop()
+```
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import socket
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from aiohttp import web
+from kubernetes_asyncio import config as kconfig
+from kubernetes_asyncio.client import ApiClient
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from apiproxy import log as applog
+from apiproxy.errors import UserError
+from apiproxy.federation.controller import Controller, ControllerSettings, Metrics, PassReport
+from apiproxy.federation.exporter import Exporter, PeerRegistry
+from apiproxy.federation.gateways import GatewaySource
+from apiproxy.federation.identity import LocalIdentity, RootCASource, ensure_identity
+from apiproxy.federation.kube import IMC_PATH, Kube, KubeError
+from apiproxy.federation.leader import LeaderElector
+from apiproxy.federation.metadata import Gateway, valid_address, valid_api_host
+
+log = applog.get_logger("apiproxy.federation")
+
+LEASE_NAME = "apiproxy-federation"
+DEFAULT_GATEWAY_SERVICE = "istio-eastwestgateway"
+
+
+def load_crd() -> dict[str, Any]:
+    """The IstioMulticluster CRD shipped as package data."""
+    text = resources.files("apiproxy.federation").joinpath("crd.yaml").read_text()
+    doc = yaml.safe_load(text)
+    assert isinstance(doc, dict)
+    return doc
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+def parse_duration(text: str) -> float:
+    """`24h`, `90s`, `1h30m`, `500ms` or plain seconds."""
+    text = text.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    pos, total = 0, 0.0
+    for m in _DURATION.finditer(text):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * {"h": 3600, "m": 60, "s": 1, "ms": 0.001}[m.group(2)]
+        pos = m.end()
+    if pos != len(text) or not text:
+        raise UserError(f"invalid duration {text!r} (use e.g. 24h, 90s, 1h30m)")
+    return total
+
+
+def parse_listen(text: str, flag: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise UserError(f"{flag}: expected HOST:PORT, got {text!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - a listener address
+
+
+def parse_gateway(text: str) -> Gateway:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not valid_address(host):
+        raise UserError(f"--ingress-gateway: expected ADDR:PORT, got {text!r}")
+    return Gateway(host, int(port))
+
+
+@dataclass
+class FederationConfig:
+    cluster_domain: str
+    api_host: str
+    namespace: str = "apiproxy-system"
+    istio_namespace: str = "istio-system"
+    network_name: str = ""
+    exporter_listen: str = "0.0.0.0:8443"
+    exporter_tls_cert: str | None = None
+    exporter_tls_key: str | None = None
+    ingress_gateway_service: str | None = None  # NS/NAME
+    ingress_gateways: list[str] = field(default_factory=list)  # ADDR:PORT
+    credential_ttl: float = 24 * 3600.0
+    resync_interval: float = 60.0
+    metrics_listen: str | None = None
+    leader_elect: bool = True
+    identity: str = field(default_factory=socket.gethostname)
+    lease_duration: float = 15.0
+    renew_deadline: float = 10.0
+    retry_period: float = 2.0
+    backoff_base: float = 5.0
+    backoff_max: float = 300.0
+    fetch_timeout: float = 10.0
+
+    def validate(self) -> None:
+        if not self.cluster_domain or not valid_address(self.cluster_domain):
+            raise UserError("--cluster-domain must be a DNS name such as cluster.local")
+        if not valid_api_host(self.api_host):
+            raise UserError(f"--api-host: expected HOST[:PORT], got {self.api_host!r}")
+        if bool(self.exporter_tls_cert) != bool(self.exporter_tls_key):
+            raise UserError("--exporter-tls-cert and --exporter-tls-key go together")
+        if self.ingress_gateway_service and self.ingress_gateways:
+            raise UserError("use --ingress-gateway-service or --ingress-gateway, not both")
+        if self.ingress_gateway_service and self.ingress_gateway_service.count("/") != 1:
+            raise UserError("--ingress-gateway-service: expected NS/NAME")
+        if self.credential_ttl < 2:
+            raise UserError("--credential-ttl must be at least 2s")
+        if self.resync_interval <= 0:
+            raise UserError("--resync-interval must be positive")
+        parse_listen(self.exporter_listen, "--exporter-listen")
+        if self.metrics_listen:
+            parse_listen(self.metrics_listen, "--metrics-listen")
+        for g in self.ingress_gateways:
+            parse_gateway(g)
+
+
+class Federation:
+    """Exporter + controller + election for one cluster. Two can run in one process."""
+
+    def __init__(self, config: FederationConfig, api_client: ApiClient) -> None:
+        config.validate()
+        self.config = config
+        self.kube = Kube(api_client)
+        self.metrics_registry = CollectorRegistry()
+        self.metrics = Metrics(self.metrics_registry)
+        self.registry = PeerRegistry()
+        self.identity: LocalIdentity | None = None
+        self.exporter: Exporter | None = None
+        self.controller: Controller | None = None
+        self.elector: LeaderElector | None = None
+        self.exporter_port = 0
+        self.metrics_port = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._metrics_runner: web.AppRunner | None = None
+        self._imc_generations: dict[str, tuple[int, bool]] = {}
+        self.watch_synced = asyncio.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        cfg = self.config
+        self.identity = await ensure_identity(
+            self.kube,
+            namespace=cfg.namespace,
+            cluster_domain=cfg.cluster_domain,
+            network=cfg.network_name,
+        )
+        roots = RootCASource(self.kube, cfg.istio_namespace)
+        if cfg.ingress_gateways:
+            gateways = GatewaySource(
+                self.kube,
+                service=None,
+                static=tuple(parse_gateway(g) for g in cfg.ingress_gateways),
+            )
+        else:
+            ns, _, name = (
+                cfg.ingress_gateway_service or f"{cfg.istio_namespace}/{DEFAULT_GATEWAY_SERVICE}"
+            ).partition("/")
+            gateways = GatewaySource(self.kube, service=(ns, name))
+        self.exporter = Exporter(
+            identity=self.identity,
+            roots=roots,
+            gateways=gateways,
+            registry=self.registry,
+            api_host=cfg.api_host,
+        )
+        host, port = parse_listen(cfg.exporter_listen, "--exporter-listen")
+        self.exporter_port = await self.exporter.start(host, port, self._exporter_ssl())
+        if cfg.metrics_listen:
+            await self._start_metrics(*parse_listen(cfg.metrics_listen, "--metrics-listen"))
+        if cfg.leader_elect:
+            self.elector = LeaderElector(
+                self.kube,
+                namespace=cfg.namespace,
+                name=LEASE_NAME,
+                identity=cfg.identity,
+                lease_duration=cfg.lease_duration,
+                renew_deadline=cfg.renew_deadline,
+                retry_period=cfg.retry_period,
+                on_change=self._leadership_changed,
+            )
+        self.controller = Controller(
+            kube=self.kube,
+            identity=self.identity,
+            settings=ControllerSettings(
+                namespace=cfg.namespace,
+                istio_namespace=cfg.istio_namespace,
+                cluster_domain=cfg.cluster_domain,
+                credential_ttl=cfg.credential_ttl,
+                resync_interval=cfg.resync_interval,
+                backoff_base=cfg.backoff_base,
+                backoff_max=cfg.backoff_max,
+                fetch_timeout=cfg.fetch_timeout,
+            ),
+            registry=self.registry,
+            metrics=self.metrics,
+            can_write=self.can_write,
+        )
+        if not cfg.leader_elect:
+            self.metrics.leader.set(1)
+        self._spawn(self._watch_imcs())
+        if self.elector is not None:
+            self._spawn(self.elector.run())
+        self._spawn(self.controller.run())
+        log.info(
+            "federation started",
+            cluster_uuid=self.identity.cluster_uuid,
+            cluster_id=self.identity.cluster_id,
+            network=self.identity.network,
+            exporter_port=self.exporter_port,
+        )
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        if self.elector is not None:
+            await self.elector.release()
+        if self.controller is not None:
+            await self.controller.close()
+        if self.exporter is not None:
+            await self.exporter.stop()
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+            self._metrics_runner = None
+
+    async def __aenter__(self) -> Federation:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.stop()
+
+    # ------------------------------------------------------------------ API for tests/demo
+
+    @property
+    def exporter_url(self) -> str:
+        """Base URL for a peer's `spec.metadataEndpoint` (loopback, for tests and the demo)."""
+        scheme = "https" if self.config.exporter_tls_cert else "http"
+        return f"{scheme}://127.0.0.1:{self.exporter_port}/metadata"
+
+    def can_write(self) -> bool:
+        return self.elector is None or self.elector.can_write
+
+    @property
+    def is_leader(self) -> bool:
+        return self.can_write()
+
+    async def wait_leader(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109
+        async def _wait() -> None:
+            while not self.can_write():
+                assert self.elector is not None
+                self.elector.changed.clear()
+                if self.can_write():
+                    return
+                await self.elector.changed.wait()
+
+        await asyncio.wait_for(_wait(), timeout)
+
+    async def reconcile(self, *, force: bool = True) -> PassReport:
+        """Run one pass now (fetching every peer when `force`), return what it did."""
+        assert self.controller is not None, "start() first"
+        if not self.can_write():
+            raise RuntimeError("this replica is not the leader")
+        return await self.controller.reconcile(force=force)
+
+    def trigger(self) -> None:
+        assert self.controller is not None
+        self.controller.trigger(force=True)
+
+    # ------------------------------------------------------------------ internals
+
+    def _spawn(self, coro: Any) -> None:
+        self._tasks.append(asyncio.create_task(coro))
+
+    def _leadership_changed(self, leading: bool) -> None:
+        self.metrics.leader.set(1 if leading else 0)
+        if leading and self.controller is not None:
+            self.controller.trigger(force=True)
+
+    def _exporter_ssl(self) -> ssl.SSLContext | None:
+        cfg = self.config
+        if not cfg.exporter_tls_cert or not cfg.exporter_tls_key:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            ctx.load_cert_chain(cfg.exporter_tls_cert, cfg.exporter_tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise UserError(
+                f"--exporter-tls-cert/--exporter-tls-key: {exc.strerror or exc}"
+            ) from None
+        return ctx
+
+    async def _start_metrics(self, host: str, port: int) -> None:
+        async def metrics(_request: web.Request) -> web.Response:
+            return web.Response(
+                body=generate_latest(self.metrics_registry),
+                headers={"Content-Type": CONTENT_TYPE_LATEST},
+            )
+
+        async def healthz(_request: web.Request) -> web.Response:
+            return web.Response(text="Ok.")
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        app.router.add_get("/healthz", healthz)
+        self._metrics_runner = web.AppRunner(app, access_log=None)
+        await self._metrics_runner.setup()
+        site = web.TCPSite(self._metrics_runner, host, port)
+        await site.start()
+        sockets = getattr(site._server, "sockets", None) or []
+        self.metrics_port = sockets[0].getsockname()[1] if sockets else port
+
+    def _note(self, obj: dict[str, Any]) -> bool:
+        """Remember an object's generation/deletion; True when that changed (a spec change)."""
+        meta = obj.get("metadata") or {}
+        key = (int(meta.get("generation") or 0), bool(meta.get("deletionTimestamp")))
+        name = str(meta.get("name"))
+        changed = self._imc_generations.get(name) != key
+        self._imc_generations[name] = key
+        status = obj.get("status") or {}
+        public = (status.get("metadataCache") or {}).get("public") or {}
+        if (
+            not meta.get("deletionTimestamp")
+            and isinstance(public.get("clusterUUID"), str)
+            and isinstance(public.get("authnKeyPub"), str)
+        ):
+            # Standby replicas learn known peers from status, so their exporter answers too.
+            self.registry.set(name, public["clusterUUID"], public["authnKeyPub"])
+        return changed
+
+    async def _watch_imcs(self) -> None:
+        """List+watch IstioMulticlusters on every replica: known peers for the exporter, and
+        a pass trigger on spec changes, creation and deletion (not on our own status writes)."""
+        delay = 0.5
+        while True:
+            try:
+                listing = await self.kube.list(IMC_PATH)
+                rv = str((listing.get("metadata") or {}).get("resourceVersion") or "")
+                present = set()
+                for obj in listing.get("items") or []:
+                    present.add(obj["metadata"]["name"])
+                    if self._note(obj) and self.controller is not None:
+                        self.controller.trigger(name=obj["metadata"]["name"])
+                for gone in set(self._imc_generations) - present:
+                    self._imc_generations.pop(gone, None)
+                    self.registry.remove(gone)
+                self.watch_synced.set()
+                delay = 0.5
+                while True:
+                    async for event in self.kube.watch(IMC_PATH, rv, timeout_seconds=300):
+                        kind, obj = event.get("type"), event.get("object") or {}
+                        if kind == "ERROR":
+                            if obj.get("code") == 410:
+                                raise KubeError(410, "watch expired")
+                            continue
+                        rv = str((obj.get("metadata") or {}).get("resourceVersion") or rv)
+                        if kind == "BOOKMARK":
+                            continue
+                        name = str((obj.get("metadata") or {}).get("name"))
+                        if kind == "DELETED":
+                            self._imc_generations.pop(name, None)
+                            self.registry.remove(name)
+                            changed = True
+                        else:
+                            changed = self._note(obj)
+                        if changed and self.controller is not None:
+                            self.controller.trigger(name=name)
+            except asyncio.CancelledError:
+                raise
+            except KubeError as exc:
+                if exc.status != 410:
+                    log.warning("IstioMulticluster watch failed", error=str(exc))
+            except Exception as exc:
+                log.warning("IstioMulticluster watch failed", error=type(exc).__name__)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+
+# ---------------------------------------------------------------------- CLI
+
+
+def _env(name: str) -> str | None:
+    return os.environ.get("APIPROXY_" + name.upper().replace("-", "_"))
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Run the IstioMulticluster federation controller and metadata exporter. "
+        "Every flag can also be set by an APIPROXY_* environment variable "
+        "(e.g. APIPROXY_CLUSTER_DOMAIN).",
+    )
+
+    def opt(flag: str, **kw: Any) -> None:
+        env = _env(flag)
+        if env is not None:
+            if kw.get("action") == "append":
+                kw["default"] = [v.strip() for v in env.split(",") if v.strip()]
+            else:
+                kw["default"] = env
+            kw.pop("required", None)
+        p.add_argument(f"--{flag}", **kw)
+
+    opt("cluster-domain", required=True, help="the cluster domain, e.g. cluster.local")
+    opt("namespace", default="apiproxy-system", help="namespace of apiproxy's Secrets and Lease")
+    opt("istio-namespace", default="istio-system", help="istiod's namespace")
+    opt("api-host", required=True, help="HOST[:PORT] where peers reach our api-proxy")
+    opt("network-name", default="", help="our network (default network-<clusterID>)")
+    opt("exporter-listen", default="0.0.0.0:8443", help="metadata exporter HOST:PORT")
+    opt("exporter-tls-cert", default=None, help="serve the exporter over HTTPS with this cert")
+    opt("exporter-tls-key", default=None, help="... and this key")
+    opt("ingress-gateway-service", default=None, help="east-west gateway Service NS/NAME")
+    opt("ingress-gateway", action="append", default=[], help="advertise ADDR:PORT (repeatable)")
+    opt("kubeconfig", default=None, help="kubeconfig file (default: in-cluster, then ~/.kube)")
+    opt("context", default=None, help="kubeconfig context")
+    opt("credential-ttl", default="24h", help="lifetime of peer credentials (rotated at 2/3)")
+    opt("resync-interval", default="60s", help="how often peers are re-fetched")
+    opt("metrics-listen", default=None, help="Prometheus metrics HOST:PORT")
+    env_le = _env("leader-elect")
+    p.add_argument(
+        "--leader-elect",
+        action=argparse.BooleanOptionalAction,
+        default=(env_le or "true").lower() in ("1", "true", "yes"),
+        help="elect a leader through the apiproxy-federation Lease (default on)",
+    )
+    opt("identity", default=os.environ.get("POD_NAME") or socket.gethostname())
+    opt("log-format", default="auto", choices=["auto", "json", "console"])
+    opt("log-level", default="info")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> FederationConfig:
+    return FederationConfig(
+        cluster_domain=args.cluster_domain,
+        api_host=args.api_host,
+        namespace=args.namespace,
+        istio_namespace=args.istio_namespace,
+        network_name=args.network_name or "",
+        exporter_listen=args.exporter_listen,
+        exporter_tls_cert=args.exporter_tls_cert,
+        exporter_tls_key=args.exporter_tls_key,
+        ingress_gateway_service=args.ingress_gateway_service,
+        ingress_gateways=list(args.ingress_gateway or []),
+        credential_ttl=parse_duration(args.credential_ttl),
+        resync_interval=parse_duration(args.resync_interval),
+        metrics_listen=args.metrics_listen,
+        leader_elect=bool(args.leader_elect),
+        identity=args.identity,
+    )
+
+
+async def _api_client(kubeconfig: str | None, context: str | None) -> ApiClient:
+    if kubeconfig:
+        return await kconfig.new_client_from_config(config_file=kubeconfig, context=context)
+    try:
+        kconfig.load_incluster_config()  # type: ignore[no-untyped-call]
+        return ApiClient()
+    except kconfig.ConfigException:
+        try:
+            return await kconfig.new_client_from_config(context=context)
+        except (kconfig.ConfigException, OSError) as exc:
+            raise UserError(f"no Kubernetes credentials: {exc}") from None
+
+
+async def _run(cfg: FederationConfig, kubeconfig: str | None, context: str | None) -> int:
+    api_client = await _api_client(kubeconfig, context)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    fed = Federation(cfg, api_client)
+    try:
+        try:
+            await fed.start()
+        except KubeError as exc:
+            raise UserError(f"cannot start: {exc}") from None
+        except OSError as exc:
+            raise UserError(f"cannot listen: {exc.strerror or exc}") from None
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        await fed.stop()
+        await api_client.close()
+    return 0
+
+
+def main(argv: Sequence[str], prog: str = "apiproxy federate") -> int:
+    args = _parser(prog).parse_args(list(argv))
+    applog.configure(args.log_format, args.log_level)
+    cfg = config_from_args(args)
+    cfg.validate()
+    if args.kubeconfig and not Path(args.kubeconfig).is_file():
+        raise UserError(f"--kubeconfig: {args.kubeconfig} does not exist")
+    return asyncio.run(_run(cfg, args.kubeconfig, args.context))
