@@ -54,13 +54,13 @@ class _Index:
                 names=frozenset(rule.resource_names),
             )
             if rule.is_resource_rule:
-                verbs = RESOURCE_VERBS if rule.verbs == ("*",) else rule.verbs
+                verbs = RESOURCE_VERBS if "*" in rule.verbs else rule.verbs
                 for verb in verbs:
                     for group in rule.api_groups:
                         for resource in rule.resources:
                             self.resource.setdefault((verb, group, resource), []).append(compiled)
             else:
-                verbs = NON_RESOURCE_VERBS if rule.verbs == ("*",) else rule.verbs
+                verbs = NON_RESOURCE_VERBS if "*" in rule.verbs else rule.verbs
                 for verb in verbs:
                     for url in rule.non_resource_urls:
                         if url == "*":
