@@ -15,7 +15,7 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -122,6 +122,7 @@ class ProxyServer:
         self._watch_timeouts: set[asyncio.Timeout] = set()
         self._probe_task: asyncio.Task[None] | None = None
         self.upstream_ok: bool | None = None
+        self._changed: asyncio.Event | None = None
         self.stopping = False
         self.port = 0
         self.metrics_port: int | None = None
@@ -132,8 +133,26 @@ class ProxyServer:
     def url(self) -> str:
         return f"https://{self.config.listen_host}:{self.port}"
 
+    def open_watches(self, peer: str) -> int:
+        return self._watches.get(peer, 0)
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = asyncio.Event()
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Wait until `predicate()` holds, re-checked whenever watches open or close or an
+        upstream probe completes (tests await this instead of polling)."""
+        while not predicate():
+            if self._changed is None:
+                self._changed = asyncio.Event()
+            await self._changed.wait()
+
     async def start(self) -> None:
         c = self.config
+        if self._changed is None:
+            self._changed = asyncio.Event()
         if c.audit_log:
             from apiproxy.audit import AuditWriter
 
@@ -281,6 +300,7 @@ class ProxyServer:
                 (_log.info if ok else _log.warning)("upstream_probe", reachable=ok)
             self.upstream_ok = ok
             self.metrics.upstream_up.set(1 if ok else 0)
+            self._notify()
             await asyncio.sleep(self.config.readiness_probe_interval_seconds)
 
     async def _healthz(self, _request: web.Request) -> web.Response:
@@ -376,11 +396,13 @@ class ProxyServer:
         counts[peer] = counts.get(peer, 0) + 1
         gauge = self.metrics.open_watches if is_watch else self.metrics.inflight
         gauge.labels(peer).inc()
+        self._notify()
         try:
             return await self._forward(request, r, is_watch)
         finally:
             counts[peer] -= 1
             gauge.labels(peer).dec()
+            self._notify()
 
     def _forbidden_message(self, r: _Req) -> str:
         info = r.info

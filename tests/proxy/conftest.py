@@ -33,7 +33,7 @@ rules:
   verbs: [get, list, watch]
 - name: version
   peers: ["*"]
-  nonResourceURLs: [/version, /api, /apis]
+  nonResourceURLs: [/version, /api, /api/*, /apis, /apis/*]
   verbs: [get]
 """
 

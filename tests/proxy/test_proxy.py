@@ -419,10 +419,8 @@ async def test_metrics_health_and_readiness(
     async with aiohttp.ClientSession() as plain:
         async with plain.get(base + "/healthz") as h:
             assert h.status == 200
-        for _ in range(100):  # the first probe runs at start; wait for its result
-            if proxy.upstream_ok is not None:
-                break
-            await asyncio.sleep(0.01)
+        # the first probe runs at start; wait for its result
+        await asyncio.wait_for(proxy.wait_until(lambda: proxy.upstream_ok is not None), 10)
         async with plain.get(base + "/readyz") as rz:
             assert rz.status == 200, await rz.text()
         async with plain.get(base + "/metrics") as m:
