@@ -295,7 +295,7 @@ class SimAPIServer:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         request[_AUDIT_KEY] = request.headers.get("Audit-ID") or str(uuid.uuid4())
         path = request.path
-        is_watch = "/watch/" in path or request.query.get("watch") in ("true", "1")
+        is_watch = "/watch/" in path or _bool(request.query.get("watch"))
         if (rule := self.faults.take("drop", request.method, path, is_watch)) is not None:
             if request.transport is not None:
                 request.transport.abort()
@@ -389,7 +389,7 @@ class SimAPIServer:
         dry_run = q.get("dryRun") == "All"
         store = self.store
         if method == "GET":
-            if route.watch or q.get("watch") in ("true", "1"):
+            if route.watch or _bool(q.get("watch")):
                 if route.name:
                     flt_fs = f"metadata.name={route.name}"
                     extra = q.get("fieldSelector", "")
@@ -727,9 +727,9 @@ class SimAPIServer:
     ) -> web.StreamResponse:
         q = request.query
         rv, rvm = q.get("resourceVersion", ""), q.get("resourceVersionMatch", "")
-        bookmarks = q.get("allowWatchBookmarks") in ("true", "1")
+        bookmarks = _bool(q.get("allowWatchBookmarks"))
         sie_raw = q.get("sendInitialEvents")
-        sie = None if sie_raw is None else sie_raw in ("true", "1")
+        sie = None if sie_raw is None else _bool(sie_raw)
         causes = []
         if sie is not None:
             if rvm != "NotOlderThan":
@@ -874,6 +874,11 @@ def _bookmark(rt: ResourceType, rv: int, *, initial_end: bool = False) -> bytes:
         meta["annotations"] = {"k8s.io/initial-events-end": "true"}
     obj = {"kind": rt.kind, "apiVersion": rt.api_version, "metadata": meta}
     return b'{"type":"BOOKMARK","object":' + dumps(obj) + b"}\n"
+
+
+def _bool(value: str | None) -> bool:
+    """Go's strconv.ParseBool, which the server's query-parameter conversion uses."""
+    return value in ("1", "t", "T", "TRUE", "true", "True")
 
 
 def _int_param(value: str, name: str) -> int:

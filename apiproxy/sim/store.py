@@ -251,6 +251,7 @@ class Store:
         self.history_size = history_size
         self.watch_buffer = watch_buffer
         self._lock = threading.RLock()
+        self._watchers_changed = threading.Condition(self._lock)
         self._rv = 100
         self._types: dict[str, _Type] = {}
         self._history: deque[Event] = deque()
@@ -892,6 +893,7 @@ class Store:
                 start_rv = max(since_rv, 0)
             w.last_rv = start_rv
             t.watchers.add(w)
+            self._watchers_changed.notify_all()
         return w, start_rv
 
     def _forget(self, w: Watcher) -> None:
@@ -899,6 +901,17 @@ class Store:
             t = self._types.get(w.rt.key)
             if t is not None:
                 t.watchers.discard(w)
+            self._watchers_changed.notify_all()
+
+    def wait_for_watchers(self, resource: str, count: int = 1, timeout: float = 10.0) -> None:
+        """Block until `resource` has at least `count` open watches (TimeoutError otherwise).
+        From async code, run it in a thread: `await asyncio.to_thread(...)`."""
+        rt = self.resolve(resource)
+        with self._watchers_changed:
+            if not self._watchers_changed.wait_for(
+                lambda: len(self._t(rt).watchers) >= count, timeout
+            ):
+                raise TimeoutError(f"fewer than {count} watches of {rt.key} after {timeout}s")
 
     def watcher_count(self, resource: str | None = None) -> int:
         with self._lock:

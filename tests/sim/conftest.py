@@ -54,8 +54,9 @@ class Raw:
     async def get(self, path: str, **kw: Any) -> tuple[int, Any, Any]:
         return await self.call("GET", path, **kw)
 
-    async def watch_lines(self, path: str, *, headers: dict[str, str] | None = None,
-                          count: int | None = None) -> list[dict[str, Any]]:
+    async def watch_lines(
+        self, path: str, *, headers: dict[str, str] | None = None, count: int | None = None
+    ) -> list[dict[str, Any]]:
         """Read a watch stream; stop after `count` events or when the server ends it."""
         out: list[dict[str, Any]] = []
         async with self.session.get(
@@ -82,8 +83,13 @@ async def raw(sim: SimAPIServer) -> AsyncIterator[Raw]:
         yield Raw(sim, session)
 
 
-def pod(name: str, ns: str = "default", labels: dict[str, str] | None = None,
-        phase: str = "Running", node: str = "node-1") -> dict[str, Any]:
+def pod(
+    name: str,
+    ns: str = "default",
+    labels: dict[str, str] | None = None,
+    phase: str = "Running",
+    node: str = "node-1",
+) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Pod",

@@ -11,7 +11,9 @@ from apiproxy.sim import SimAPIServer
 async def test_bearer_token_required_with_status_body(raw: Any) -> None:
     code, _, body = await raw.get("/api/v1/pods", headers={"Authorization": "Bearer wrong"})
     assert code == 401
-    assert body["kind"] == "Status" and body["reason"] == "Unauthorized" and body["code"] == 401
+    assert body["kind"] == "Status"
+    assert body["reason"] == "Unauthorized"
+    assert body["code"] == 401
     code, _, _ = await raw.get("/api/v1/pods")
     assert code == 200
 
@@ -21,7 +23,8 @@ async def test_audit_id_echoed_or_generated(raw: Any) -> None:
     assert headers["Audit-ID"] == "abc-123"
     _, h1, _ = await raw.get("/version")
     _, h2, _ = await raw.get("/version")
-    assert len(h1["Audit-ID"]) == 36 and h1["Audit-ID"] != h2["Audit-ID"]
+    assert len(h1["Audit-ID"]) == 36
+    assert h1["Audit-ID"] != h2["Audit-ID"]
 
 
 async def test_discovery_lists_groups_and_resources(raw: Any) -> None:
@@ -30,8 +33,10 @@ async def test_discovery_lists_groups_and_resources(raw: Any) -> None:
     assert {"discovery.k8s.io", "coordination.k8s.io", "apiextensions.k8s.io"} <= names
     _, _, core = await raw.get("/api/v1")
     res = {r["name"]: r for r in core["resources"]}
-    assert res["pods"]["namespaced"] and not res["nodes"]["namespaced"]
-    assert "pods/status" in res and "watch" in res["events"]["verbs"]
+    assert res["pods"]["namespaced"]
+    assert not res["nodes"]["namespaced"]
+    assert "pods/status" in res
+    assert "watch" in res["events"]["verbs"]
     code, _, _ = await raw.get("/apis/deckhouse.io/v1alpha1")
     assert code == 404
 
@@ -45,8 +50,14 @@ async def test_crd_registration_extends_discovery(raw: Any, sim: SimAPIServer) -
             "group": "deckhouse.io",
             "scope": "Cluster",
             "names": {"plural": "istiomulticlusters", "kind": "IstioMulticluster"},
-            "versions": [{"name": "v1alpha1", "served": True, "storage": True,
-                          "subresources": {"status": {}}}],
+            "versions": [
+                {
+                    "name": "v1alpha1",
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                }
+            ],
         },
     }
     code, _, _ = await raw.call(
@@ -54,14 +65,24 @@ async def test_crd_registration_extends_discovery(raw: Any, sim: SimAPIServer) -
     )
     assert code == 201
     _, _, rl = await raw.get("/apis/deckhouse.io/v1alpha1")
-    assert [r["name"] for r in rl["resources"]] == ["istiomulticlusters", "istiomulticlusters/status"]
-    obj = {"apiVersion": "deckhouse.io/v1alpha1", "kind": "IstioMulticluster",
-           "metadata": {"name": "p"}, "spec": {"x": 1}, "status": {"ignored": True}}
+    assert [r["name"] for r in rl["resources"]] == [
+        "istiomulticlusters",
+        "istiomulticlusters/status",
+    ]
+    obj = {
+        "apiVersion": "deckhouse.io/v1alpha1",
+        "kind": "IstioMulticluster",
+        "metadata": {"name": "p"},
+        "spec": {"x": 1},
+        "status": {"ignored": True},
+    }
     code, _, created = await raw.call("POST", "/apis/deckhouse.io/v1alpha1/istiomulticlusters", obj)
-    assert code == 201 and "status" not in created and created["metadata"]["generation"] == 1
+    assert code == 201
+    assert "status" not in created
+    assert created["metadata"]["generation"] == 1
     code, _, _ = await raw.call(
-        "DELETE", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/"
-        "istiomulticlusters.deckhouse.io"
+        "DELETE",
+        "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/istiomulticlusters.deckhouse.io",
     )
     assert code == 200
     code, _, _ = await raw.get("/apis/deckhouse.io/v1alpha1/istiomulticlusters")
@@ -71,16 +92,23 @@ async def test_crd_registration_extends_discovery(raw: Any, sim: SimAPIServer) -
 async def test_create_conflict_notfound(raw: Any, make_pod: Any) -> None:
     code, _, created = await raw.call("POST", "/api/v1/namespaces/default/pods", make_pod("a"))
     assert code == 201
-    assert created["metadata"]["uid"] and created["metadata"]["creationTimestamp"]
+    assert created["metadata"]["uid"]
+    assert created["metadata"]["creationTimestamp"]
     code, _, body = await raw.call("POST", "/api/v1/namespaces/default/pods", make_pod("a"))
-    assert code == 409 and body["reason"] == "AlreadyExists"
+    assert code == 409
+    assert body["reason"] == "AlreadyExists"
     assert body["details"] == {"name": "a", "kind": "pods"}
     code, _, body = await raw.get("/api/v1/namespaces/default/pods/nope")
-    assert code == 404 and body["message"] == 'pods "nope" not found'
-    code, _, body = await raw.call("POST", "/api/v1/namespaces/missing/pods", make_pod("a", "missing"))
-    assert code == 404 and body["message"] == 'namespaces "missing" not found'
+    assert code == 404
+    assert body["message"] == 'pods "nope" not found'
+    code, _, body = await raw.call(
+        "POST", "/api/v1/namespaces/missing/pods", make_pod("a", "missing")
+    )
+    assert code == 404
+    assert body["message"] == 'namespaces "missing" not found'
     code, _, body = await raw.get("/apis/coordination.k8s.io/v1/namespaces/default/leases/l")
-    assert code == 404 and body["details"]["group"] == "coordination.k8s.io"
+    assert code == 404
+    assert body["details"]["group"] == "coordination.k8s.io"
     assert body["message"] == 'leases.coordination.k8s.io "l" not found'
 
 
@@ -88,7 +116,8 @@ async def test_generate_name(raw: Any) -> None:
     cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"generateName": "x-"}}
     code, _, a = await raw.call("POST", "/api/v1/namespaces/default/configmaps", cm)
     _, _, b = await raw.call("POST", "/api/v1/namespaces/default/configmaps", cm)
-    assert code == 201 and a["metadata"]["name"].startswith("x-")
+    assert code == 201
+    assert a["metadata"]["name"].startswith("x-")
     assert a["metadata"]["name"] != b["metadata"]["name"]
 
 
@@ -97,10 +126,12 @@ async def test_update_conflict_and_status_subresource(raw: Any, make_pod: Any) -
     stale = dict(p)
     p["metadata"]["labels"] = {"x": "1"}
     code, _, p2 = await raw.call("PUT", "/api/v1/namespaces/default/pods/a", p)
-    assert code == 200 and int(p2["metadata"]["resourceVersion"]) > int(p["metadata"]["resourceVersion"])
+    assert code == 200
+    assert int(p2["metadata"]["resourceVersion"]) > int(p["metadata"]["resourceVersion"])
     stale["metadata"] = {**stale["metadata"], "labels": {"x": "2"}}
     code, _, body = await raw.call("PUT", "/api/v1/namespaces/default/pods/a", stale)
-    assert code == 409 and body["reason"] == "Conflict"
+    assert code == 409
+    assert body["reason"] == "Conflict"
     assert "the object has been modified" in body["message"]
     # The main resource ignores status changes; the status subresource ignores everything else.
     p2["status"] = {"phase": "Failed"}
@@ -109,28 +140,48 @@ async def test_update_conflict_and_status_subresource(raw: Any, make_pod: Any) -
     p3["status"] = {"phase": "Succeeded"}
     p3["metadata"]["labels"] = {"x": "ignored"}
     _, _, p4 = await raw.call("PUT", "/api/v1/namespaces/default/pods/a/status", p3)
-    assert p4["status"]["phase"] == "Succeeded" and p4["metadata"]["labels"] == {"x": "1"}
+    assert p4["status"]["phase"] == "Succeeded"
+    assert p4["metadata"]["labels"] == {"x": "1"}
 
 
 async def test_noop_update_keeps_resource_version(raw: Any, sim: SimAPIServer) -> None:
-    cm = sim.store.create({"apiVersion": "v1", "kind": "ConfigMap",
-                           "metadata": {"name": "c", "namespace": "default"}, "data": {"a": "1"}})
+    cm = sim.store.create(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "c", "namespace": "default"},
+            "data": {"a": "1"},
+        }
+    )
     code, _, same = await raw.call("PUT", "/api/v1/namespaces/default/configmaps/c", cm)
-    assert code == 200 and same["metadata"]["resourceVersion"] == cm["metadata"]["resourceVersion"]
+    assert code == 200
+    assert same["metadata"]["resourceVersion"] == cm["metadata"]["resourceVersion"]
 
 
 async def test_generation_bumps_on_spec_change_only(raw: Any, sim: SimAPIServer) -> None:
-    svc = sim.store.create({"apiVersion": "v1", "kind": "Service",
-                            "metadata": {"name": "s", "namespace": "default"},
-                            "spec": {"ports": [{"port": 80}]}})
+    svc = sim.store.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "s", "namespace": "default"},
+            "spec": {"ports": [{"port": 80}]},
+        }
+    )
     assert svc["metadata"]["generation"] == 1
-    code, _, s2 = await raw.call("PATCH", "/api/v1/namespaces/default/services/s",
-                                 {"metadata": {"labels": {"a": "b"}}},
-                                 content_type="application/merge-patch+json")
-    assert code == 200 and s2["metadata"]["generation"] == 1
-    _, _, s3 = await raw.call("PATCH", "/api/v1/namespaces/default/services/s",
-                              {"spec": {"ports": [{"port": 81}]}},
-                              content_type="application/merge-patch+json")
+    code, _, s2 = await raw.call(
+        "PATCH",
+        "/api/v1/namespaces/default/services/s",
+        {"metadata": {"labels": {"a": "b"}}},
+        content_type="application/merge-patch+json",
+    )
+    assert code == 200
+    assert s2["metadata"]["generation"] == 1
+    _, _, s3 = await raw.call(
+        "PATCH",
+        "/api/v1/namespaces/default/services/s",
+        {"spec": {"ports": [{"port": 81}]}},
+        content_type="application/merge-patch+json",
+    )
     assert s3["metadata"]["generation"] == 2
 
 
@@ -138,45 +189,68 @@ async def test_patch_kinds(raw: Any, make_pod: Any) -> None:
     await raw.call("POST", "/api/v1/namespaces/default/pods", make_pod("a"))
     base = "/api/v1/namespaces/default/pods/a"
     _, _, p = await raw.call(
-        "PATCH", base,
+        "PATCH",
+        base,
         {"spec": {"containers": [{"name": "c", "image": "nginx"}, {"name": "d", "image": "x"}]}},
         content_type="application/strategic-merge-patch+json",
     )
-    assert [(c["name"], c["image"]) for c in p["spec"]["containers"]] == [("c", "nginx"), ("d", "x")]
-    _, _, p = await raw.call("PATCH", base, [{"op": "add", "path": "/metadata/labels/k", "value": "v"}],
-                             content_type="application/json-patch+json")
+    assert [(c["name"], c["image"]) for c in p["spec"]["containers"]] == [
+        ("c", "nginx"),
+        ("d", "x"),
+    ]
+    _, _, p = await raw.call(
+        "PATCH",
+        base,
+        [{"op": "add", "path": "/metadata/labels/k", "value": "v"}],
+        content_type="application/json-patch+json",
+    )
     assert p["metadata"]["labels"] == {"k": "v"}
     code, _, body = await raw.call("PATCH", base, {"spec": {}}, content_type="application/json")
-    assert code == 415 and body["reason"] == "UnsupportedMediaType"
-    code, _, _ = await raw.call("PATCH", base + "x", {"a": 1},
-                                content_type="application/merge-patch+json")
+    assert code == 415
+    assert body["reason"] == "UnsupportedMediaType"
+    code, _, _ = await raw.call(
+        "PATCH", base + "x", {"a": 1}, content_type="application/merge-patch+json"
+    )
     assert code == 404
 
 
 async def test_finalizers_hold_deletion(raw: Any, sim: SimAPIServer) -> None:
-    sim.store.create({"apiVersion": "v1", "kind": "ConfigMap",
-                      "metadata": {"name": "f", "namespace": "default",
-                                   "finalizers": ["example.com/hold"]}})
+    sim.store.create(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "f", "namespace": "default", "finalizers": ["example.com/hold"]},
+        }
+    )
     code, _, held = await raw.call("DELETE", "/api/v1/namespaces/default/configmaps/f")
-    assert code == 200 and held["metadata"]["deletionTimestamp"]
+    assert code == 200
+    assert held["metadata"]["deletionTimestamp"]
     code, _, still = await raw.get("/api/v1/namespaces/default/configmaps/f")
-    assert code == 200 and still["metadata"]["deletionTimestamp"]
-    code, _, _ = await raw.call("PATCH", "/api/v1/namespaces/default/configmaps/f",
-                                {"metadata": {"finalizers": None}},
-                                content_type="application/merge-patch+json")
+    assert code == 200
+    assert still["metadata"]["deletionTimestamp"]
+    code, _, _ = await raw.call(
+        "PATCH",
+        "/api/v1/namespaces/default/configmaps/f",
+        {"metadata": {"finalizers": None}},
+        content_type="application/merge-patch+json",
+    )
     assert code == 200
     code, _, _ = await raw.get("/api/v1/namespaces/default/configmaps/f")
     assert code == 404
 
 
-async def test_delete_preconditions_and_collection(raw: Any, sim: SimAPIServer, make_pod: Any) -> None:
+async def test_delete_preconditions_and_collection(
+    raw: Any, sim: SimAPIServer, make_pod: Any
+) -> None:
     for i in range(3):
         sim.store.create(make_pod(f"p{i}", labels={"app": "x" if i < 2 else "y"}))
-    code, _, body = await raw.call("DELETE", "/api/v1/namespaces/default/pods/p0",
-                                   {"preconditions": {"uid": "nope"}})
+    code, _, _body = await raw.call(
+        "DELETE", "/api/v1/namespaces/default/pods/p0", {"preconditions": {"uid": "nope"}}
+    )
     assert code == 409
     code, _, lst = await raw.call("DELETE", "/api/v1/namespaces/default/pods?labelSelector=app%3Dx")
-    assert code == 200 and sorted(i["metadata"]["name"] for i in lst["items"]) == ["p0", "p1"]
+    assert code == 200
+    assert sorted(i["metadata"]["name"] for i in lst["items"]) == ["p0", "p1"]
     assert [p["metadata"]["name"] for p in sim.store.list("pods", "default")] == ["p2"]
 
 
@@ -184,10 +258,13 @@ async def test_content_negotiation(raw: Any) -> None:
     code, headers, _ = await raw.get(
         "/api/v1/pods", headers={"Accept": "application/vnd.kubernetes.protobuf,application/json"}
     )
-    assert code == 200 and headers["Content-Type"].startswith("application/json")
-    code, _, body = await raw.get("/api/v1/pods",
-                                  headers={"Accept": "application/vnd.kubernetes.protobuf"})
-    assert code == 406 and body["reason"] == "NotAcceptable"
+    assert code == 200
+    assert headers["Content-Type"].startswith("application/json")
+    code, _, body = await raw.get(
+        "/api/v1/pods", headers={"Accept": "application/vnd.kubernetes.protobuf"}
+    )
+    assert code == 406
+    assert body["reason"] == "NotAcceptable"
 
 
 async def test_list_selectors(raw: Any, sim: SimAPIServer, make_pod: Any) -> None:
@@ -199,7 +276,8 @@ async def test_list_selectors(raw: Any, sim: SimAPIServer, make_pod: Any) -> Non
     async def names(q: str) -> list[str]:
         code, _, body = await raw.get("/api/v1/pods?" + q)
         assert code == 200, body
-        assert body["kind"] == "PodList" and body["metadata"]["resourceVersion"]
+        assert body["kind"] == "PodList"
+        assert body["metadata"]["resourceVersion"]
         return [i["metadata"]["name"] for i in body["items"]]
 
     assert await names("labelSelector=app%3Dweb") == ["a", "c"]
@@ -210,16 +288,29 @@ async def test_list_selectors(raw: Any, sim: SimAPIServer, make_pod: Any) -> Non
     assert await names("fieldSelector=metadata.namespace%3Dother") == ["c"]
     assert await names("fieldSelector=metadata.name%3Db") == ["b"]
     code, _, body = await raw.get("/api/v1/pods?fieldSelector=spec.bogus%3Dx")
-    assert code == 400 and body["reason"] == "BadRequest"
+    assert code == 400
+    assert body["reason"] == "BadRequest"
     assert "field label not supported: spec.bogus" in body["message"]
     code, _, body = await raw.get("/api/v1/pods?labelSelector=a+in+(")
     assert code == 400
 
 
 async def test_secret_type_field_selector(raw: Any, sim: SimAPIServer) -> None:
-    sim.store.create({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-                      "metadata": {"name": "a", "namespace": "default"}})
-    sim.store.create({"apiVersion": "v1", "kind": "Secret", "type": "helm.sh/release.v1",
-                      "metadata": {"name": "b", "namespace": "default"}})
+    sim.store.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "Opaque",
+            "metadata": {"name": "a", "namespace": "default"},
+        }
+    )
+    sim.store.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "helm.sh/release.v1",
+            "metadata": {"name": "b", "namespace": "default"},
+        }
+    )
     _, _, body = await raw.get("/api/v1/secrets?fieldSelector=type!%3Dhelm.sh/release.v1")
     assert [i["metadata"]["name"] for i in body["items"]] == ["a"]
