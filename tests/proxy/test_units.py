@@ -1,0 +1,248 @@
+"""Units of the proxy area: peers file, authentication rules, event counting, file watching."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from apiproxy import pki, tokens
+from apiproxy.authn import AuthnFailure, authenticate
+from apiproxy.forward import (
+    EventCounter,
+    downstream_response_headers,
+    is_upgrade,
+    upstream_request_headers,
+)
+from apiproxy.peers import PeersError, parse
+from apiproxy.reload import FileWatcher
+from tests.proxy.conftest import OWN_UUID, UUID_A, UUID_B, World
+
+
+def peers_text(*items: str) -> str:
+    return "peers:\n" + "".join(items)
+
+
+def item(name: str, uid: str, ca: str | None = None, key: str | None = None) -> str:
+    out = f"  - name: {name}\n    clusterUUID: {uid}\n"
+    if ca is not None:
+        out += "    clientCA: |\n" + "".join(f"      {ln}\n" for ln in ca.strip().splitlines())
+    if key is not None:
+        out += "    jwtPublicKey: |\n" + "".join(f"      {ln}\n" for ln in key.strip().splitlines())
+    return out
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("peers: {}\n", "src: peers: must be a list"),
+        ("nodes: []\n", "src: top level: must be a mapping with exactly one key, 'peers'"),
+        ("peers: [\n", "src: line 2 column 1: not valid YAML"),
+        (
+            peers_text(item("a", UUID_A, ca="CA")),
+            "src: peers[0].clientCA: must be a PEM bundle of CA certificates",
+        ),
+        (peers_text(item("a", UUID_A)), "src: peers[0]: needs clientCA, jwtPublicKey or both"),
+        (
+            peers_text(item("A_b", UUID_A, key="x")),
+            "src: peers[0].name: must be a lowercase DNS-1123 name",
+        ),
+        (peers_text(item("a", "not-a-uuid", key="x")), "'not-a-uuid' is not a UUID"),
+        (
+            peers_text(item("a", OWN_UUID, key="x")),
+            "src: peers[0].clusterUUID: is this proxy's own --cluster-uuid",
+        ),
+        (
+            peers_text(
+                "  - name: a\n    clusterUUID: " + UUID_A + "\n    clientCAs: x\n",
+            ),
+            "unknown field 'clientCAs'",
+        ),
+        (
+            peers_text(item("a", UUID_A, key="-----BEGIN PUBLIC KEY-----\nAAAA\n")),
+            "src: peers[0].jwtPublicKey: bad_key",
+        ),
+    ],
+)
+def test_invalid_peers_files_are_refused_precisely(text: str, message: str) -> None:
+    with pytest.raises(PeersError) as info:
+        parse(text, "src", own_cluster_uuid=OWN_UUID)
+    assert message in str(info.value)
+
+
+def test_duplicate_names_uuids_and_non_ca_certificates(world: World) -> None:
+    key = tokens.public_key_pem(world.key_a)
+    with pytest.raises(PeersError, match=r"peers\[1\]\.name: duplicates peers\[0\]\.name 'a'"):
+        parse(peers_text(item("a", UUID_A, key=key), item("a", UUID_B, key=key)), "src")
+    with pytest.raises(PeersError, match=r"peers\[1\]\.clusterUUID: duplicates peers\[0\]"):
+        parse(peers_text(item("a", UUID_A, key=key), item("b", UUID_A, key=key)), "src")
+    with pytest.raises(PeersError, match=r"clientCA\[0\]: certificate .* is not a CA"):
+        parse(peers_text(item("a", UUID_A, ca=world.client_a.cert_pem)), "src")
+
+
+def test_valid_peers_file(world: World) -> None:
+    ps = parse(world.peers_yaml(), "src", own_cluster_uuid=OWN_UUID)
+    assert [p.name for p in ps.peers] == ["cluster-a", "cluster-b"]
+    assert ps.key_for_subject(UUID_A) is not None
+    assert ps.key_for_subject(OWN_UUID) is None
+    assert ps.peers_for_certificate(world.client_a.cert) == [ps.peers[0]]
+    assert ps.peers_for_certificate(world.client_unknown.cert) == []
+    assert ps.warnings == ()
+
+
+def test_same_trust_domain_certificate_names_only_the_issuing_peer(world: World) -> None:
+    ps = parse(world.peers_yaml(), "src")
+    # Same subject and SPIFFE URI; only the anchor differs.
+    assert world.client_a.cert.subject == world.client_b.cert.subject
+    ident = authenticate(
+        ps, certificate=world.client_b.cert, authorization=None, cluster_uuid=OWN_UUID
+    )
+    assert ident.peer.name == "cluster-b"
+    assert ident.methods == ("mtls",)
+
+
+def test_a_ca_shared_by_two_peers_is_ambiguous_and_warned(world: World) -> None:
+    text = peers_text(
+        item("a", UUID_A, ca=world.ca_a.cert_pem), item("b", UUID_B, ca=world.ca_a.cert_pem)
+    )
+    ps = parse(text, "src")
+    assert any("share the CA" in w for w in ps.warnings)
+    with pytest.raises(AuthnFailure) as info:
+        authenticate(ps, certificate=world.client_a.cert, authorization=None, cluster_uuid=OWN_UUID)
+    assert info.value.reason == "certificate_ambiguous_peer"
+
+
+def test_authentication_rules(world: World) -> None:
+    ps = parse(world.peers_yaml(), "src")
+
+    def reason(cert: pki.KeyPair | None, auth: str | None, now: float | None = None) -> str:
+        with pytest.raises(AuthnFailure) as info:
+            authenticate(
+                ps,
+                certificate=cert.cert if cert else None,
+                authorization=auth,
+                cluster_uuid=OWN_UUID,
+                now=now,
+            )
+        return info.value.reason
+
+    assert reason(None, None) == "no_credentials"
+    assert reason(world.client_a, f"Bearer {world.token_b()}") == "certificate_token_peer_mismatch"
+    # a bad token fails even with a good certificate
+    assert reason(world.client_a, "Bearer " + world.token_a(scope="x")) == "token_wrong_scope"
+    assert reason(None, "Bearer ") == "malformed_authorization_header"
+    assert reason(None, "Bearer a b") == "malformed_authorization_header"
+    assert reason(world.client_unknown, None) == "certificate_unknown_peer"
+    # certificate validity is checked per request (keep-alive connections outlive certificates)
+    assert reason(world.client_a, None, now=4_000_000_000) == "certificate_expired"
+    ok = authenticate(
+        ps,
+        certificate=world.client_a.cert,
+        authorization=f"Bearer {world.token_a()}",
+        cluster_uuid=OWN_UUID,
+    )
+    assert ok.methods == ("mtls", "jwt")
+    assert ok.extra()["apiproxy.io/token-subject"] == [UUID_A]
+
+
+def test_request_headers_allowlist_and_upgrade_detection() -> None:
+    from multidict import CIMultiDict
+
+    incoming = CIMultiDict(
+        [
+            ("Accept", "application/json"),
+            ("Authorization", "Bearer x"),
+            ("Impersonate-Extra-Scopes", "y"),
+            ("X-Forwarded-Host", "h"),
+            ("Te", "trailers"),
+            ("If-None-Match", '"1"'),
+            ("Connection", "If-None-Match"),
+        ]
+    )
+    assert list(upstream_request_headers(incoming).items()) == [("Accept", "application/json")]
+    assert is_upgrade(CIMultiDict([("Connection", "keep-alive, Upgrade")]))
+    assert is_upgrade(CIMultiDict([("Upgrade", "websocket")]))
+    assert not is_upgrade(CIMultiDict([("Connection", "keep-alive")]))
+    out = downstream_response_headers(
+        CIMultiDict(
+            [
+                ("Content-Type", "application/json"),
+                ("Transfer-Encoding", "chunked"),
+                ("Audit-Id", "upstream-id"),
+                ("X-Kubernetes-Pf-Flowschema-Uid", "u"),
+            ]
+        )
+    )
+    assert list(out.keys()) == ["Content-Type", "X-Kubernetes-Pf-Flowschema-Uid"]
+
+
+def test_event_counter_json_and_protobuf_frames_across_chunk_splits() -> None:
+    c = EventCounter("application/json")
+    for chunk in (b'{"type":"ADDED"}\n{"ty', b'pe":"MODIFIED"}\n', b"\n"):
+        c.feed(chunk)
+    assert c.events == 3
+    frames = b"".join(len(p).to_bytes(4, "big") + p for p in (b"a" * 5, b"", b"\n" * 300))
+    for size in (1, 2, 3, 7, len(frames)):
+        p = EventCounter("application/vnd.kubernetes.protobuf;stream=watch")
+        for i in range(0, len(frames), size):
+            p.feed(frames[i : i + size])
+        assert p.events == 3, size
+    g = EventCounter("application/json", "gzip")
+    g.feed(b"\n\n")
+    assert g.events == 0
+
+
+async def test_file_watcher_follows_kubernetes_symlink_swaps(tmp_path: Path) -> None:
+    # /etc/apiproxy/policy/policy.yaml -> ..data/policy.yaml, ..data -> ..2026_01_01_v1
+    def publish(version: str, content: str) -> None:
+        d = tmp_path / f"..{version}"
+        d.mkdir()
+        (d / "policy.yaml").write_text(content)
+        link = tmp_path / "..data_tmp"
+        link.symlink_to(d.name)
+        os.replace(link, tmp_path / "..data")
+
+    publish("v1", "one")
+    (tmp_path / "policy.yaml").symlink_to("..data/policy.yaml")
+    seen: list[str] = []
+    results: list[tuple[str, bool]] = []
+
+    def on_change() -> None:
+        text = (tmp_path / "policy.yaml").read_text()
+        if text == "bad":
+            raise ValueError("bad content")
+        seen.append(text)
+
+    w = FileWatcher(interval=0, on_result=lambda n, ok, _e: results.append((n, ok)))
+    w.add("policy", [str(tmp_path / "policy.yaml")], on_change)
+    assert await w.check() == []  # unchanged
+    publish("v2", "two")
+    assert await w.check() == [("policy", True)]
+    assert seen == ["two"]
+    publish("v3", "two")  # new directory, same content: nothing to reload
+    assert await w.check() == []
+    publish("v4", "bad")
+    assert await w.check() == [("policy", False)]
+    assert await w.check() == []  # the same bad content is not retried every interval
+    os.remove(tmp_path / "..data")  # vanished: keep the last good state
+    assert await w.check() == []
+    publish("v5", "three")
+    assert await w.check() == [("policy", True)]
+    assert seen == ["two", "three"]
+    assert results == [("policy", True), ("policy", False), ("policy", True)]
+
+
+async def test_file_watcher_polls_on_its_own(tmp_path: Path) -> None:
+    f = tmp_path / "token"
+    f.write_text("a")
+    changed = asyncio.Event()
+    w = FileWatcher(interval=0.01)
+    w.add("token", [str(f)], changed.set)
+    w.start()
+    try:
+        f.write_text("bb")
+        await asyncio.wait_for(changed.wait(), 10)
+    finally:
+        await w.stop()
