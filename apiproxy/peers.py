@@ -70,6 +70,8 @@ class PeerSet:
     source: str = "<string>"
     warnings: tuple[str, ...] = ()
     _by_uuid: dict[str, Peer] = field(default_factory=dict, repr=False, compare=False)
+    # Signature checks per certificate, memoised for this (immutable) peer set.
+    _by_cert: dict[bytes, list[Peer]] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._by_uuid.update({p.cluster_uuid: p for p in self.peers})
@@ -93,7 +95,14 @@ class PeerSet:
         )
 
     def peers_for_certificate(self, leaf: x509.Certificate) -> list[Peer]:
-        return [p for p in self.peers if p.issued(leaf)]
+        key = leaf.fingerprint(hashes.SHA256())
+        found = self._by_cert.get(key)
+        if found is None:
+            found = [p for p in self.peers if p.issued(leaf)]
+            if len(self._by_cert) >= 4096:
+                self._by_cert.clear()
+            self._by_cert[key] = found
+        return list(found)
 
 
 def _err(source: str, where: str, what: str) -> PeersError:
