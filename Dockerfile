@@ -5,17 +5,16 @@
 #   docker build -t apiproxy:0.1.0 .
 #   docker run --rm apiproxy:0.1.0 serve --help
 #
-# Base image: an exact Python patch release on Debian bookworm. It is pinned by tag, not by digest,
-# because the digest cannot be looked up on the offline machines this file is written and tested on.
-# Release builds should pin the digest (`--build-arg PYTHON_IMAGE=python:3.11.13-slim-bookworm@sha256:…`)
-# or let a dependency bot do it. Both stages must use the same image: the venv's interpreter is a
-# symlink to the base image's /usr/local/bin/python3.11.
-ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
+# Base image: an exact Python patch release on Debian bookworm, the same in both stages (the venv's
+# interpreter is a symlink to the base image's /usr/local/bin/python3.11; tests/deploy checks they
+# match). It is pinned by exact tag, not by digest, because the digest cannot be looked up on the
+# offline machines this file is written and tested on. Release builds should append the digest
+# (`python:3.11.13-slim-bookworm@sha256:<digest>`) in both FROM lines, or let a dependency bot do it.
 
 # ---------------------------------------------------------------------------------------------
 # build: install the pinned, hash-checked dependencies and the apiproxy wheel into /opt/apiproxy
 # ---------------------------------------------------------------------------------------------
-FROM ${PYTHON_IMAGE} AS build
+FROM python:3.11.13-slim-bookworm AS build
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -47,7 +46,7 @@ RUN /opt/build/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /src/dis
 # ---------------------------------------------------------------------------------------------
 # runtime
 # ---------------------------------------------------------------------------------------------
-FROM ${PYTHON_IMAGE} AS runtime
+FROM python:3.11.13-slim-bookworm AS runtime
 
 LABEL org.opencontainers.image.title="apiproxy" \
       org.opencontainers.image.description="Narrow, audited, read-only door into kube-apiserver for peer istiods; federation controller" \

@@ -127,6 +127,9 @@ class CheckovReport:
     reports: list[Doc]
     files: dict[str, str]  # scanned file -> what it is (overlay name or "Dockerfile")
 
+    def __repr__(self) -> str:  # keep failure output readable
+        return f"CheckovReport({[r['summary'] for r in self.reports]})"
+
     def results(self, kind: str) -> list[Doc]:
         return [c for r in self.reports for c in r["results"].get(kind, [])]
 
