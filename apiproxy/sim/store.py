@@ -36,8 +36,11 @@ from apiproxy.sim.selectors import (
 Obj = dict[str, Any]
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, check_circular=False)
+
+
 def dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    return _ENCODER.encode(obj).encode()
 
 
 def now_rfc3339() -> str:

@@ -1,0 +1,118 @@
+"""`apiproxy sim`: run the simulated kube-apiserver standalone (development tool)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from apiproxy import log as logging_
+from apiproxy.errors import UserError
+
+
+def _listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Run the simulated Kubernetes API server (a development and test tool).",
+    )
+    p.add_argument("--listen", type=_listen, default=("127.0.0.1", 6443), metavar="HOST:PORT")
+    p.add_argument("--tls-cert", type=Path, help="serving certificate (PEM); default: self-made")
+    p.add_argument("--tls-key", type=Path, help="its private key (PEM)")
+    p.add_argument("--plain-http", action="store_true", help="serve HTTP without TLS")
+    p.add_argument("--token", help="bearer token clients must send (default: random)")
+    p.add_argument("--pods", type=int, default=0, help="seed this many realistic pods")
+    p.add_argument("--namespaces", type=int, default=10, help="namespaces to spread them over")
+    p.add_argument(
+        "--churn",
+        type=float,
+        default=0.0,
+        metavar="PER_SECOND",
+        help="change seeded pods at this rate",
+    )
+    p.add_argument("--kube-system-uid", help="fixed uid of the kube-system namespace")
+    p.add_argument("--kubeconfig", type=Path, help="where to write the kubeconfig")
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from apiproxy.sim.seed import Churn, seed
+    from apiproxy.sim.server import SimAPIServer
+    from apiproxy.sim.store import Store
+
+    store = Store(kube_system_uid=args.kube_system_uid)
+    if args.pods:
+        seed(store, pods=args.pods, namespaces=max(1, args.namespaces))
+    host, port = args.listen
+    try:
+        sim = SimAPIServer(
+            host=host,
+            port=port,
+            tls=not args.plain_http,
+            token=args.token,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            store=store,
+        )
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot use the TLS files: {exc}") from None
+    try:
+        await sim.start()
+    except OSError as exc:
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    kubeconfig = args.kubeconfig or Path(tempfile.mkdtemp(prefix="apiproxy-sim-")) / "kubeconfig"
+    sim.write_kubeconfig(kubeconfig)
+    churn = Churn(store, args.churn) if args.churn > 0 else None
+    if churn is not None:
+        churn.start()
+    print(f"apiproxy sim: serving {sim.url}; kubeconfig {kubeconfig} (Ctrl-C to stop)", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        if churn is not None:
+            await churn.stop()
+        await sim.stop()
+    return 0
+
+
+def main(argv: list[str], prog: str = "apiproxy sim") -> int:
+    args = _parser(prog).parse_args(argv)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UserError("--tls-cert and --tls-key go together")
+    if args.plain_http and args.tls_cert:
+        raise UserError("--plain-http and --tls-cert exclude each other")
+    if args.pods < 0 or args.churn < 0:
+        raise UserError("--pods and --churn must not be negative")
+    logging_.configure(level=args.log_level)
+    try:
+        import uvloop
+
+        factory: Any = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
+        factory = None
+    try:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return int(runner.run(_serve(args)))
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main(sys.argv[1:]))
