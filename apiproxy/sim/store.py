@@ -884,6 +884,22 @@ class Store:
             elif since_rv is None:
                 start_rv = self._rv
             else:
+                if since_rv > self._rv:
+                    # The cacher waits ~3 s for freshness first; the outcome is the same.
+                    raise ApiError(
+                        504,
+                        f"Too large resource version: {since_rv}, current: {self._rv}",
+                        reason="Timeout",
+                        details={
+                            "causes": [
+                                {
+                                    "reason": "ResourceVersionTooLarge",
+                                    "message": "Too large resource version",
+                                }
+                            ],
+                            "retryAfterSeconds": 1,
+                        },
+                    )
                 if since_rv < self._compacted:
                     raise errors.expired(
                         f"too old resource version: {since_rv} ({self._compacted})"

@@ -166,3 +166,11 @@ async def test_watch_honours_selectors_and_turns_mismatch_into_deleted(
     assert int(events[1]["object"]["metadata"]["resourceVersion"]) > int(
         events[0]["object"]["metadata"]["resourceVersion"]
     )
+
+
+async def test_future_resource_version_is_error_event(raw: Any, sim: SimAPIServer) -> None:
+    rv = sim.store.resource_version + 100
+    events = await raw.watch_lines(f"/api/v1/pods?watch=true&resourceVersion={rv}")
+    assert [e["type"] for e in events] == ["ERROR"]
+    assert events[0]["object"]["code"] == 504
+    assert events[0]["object"]["details"]["causes"][0]["reason"] == "ResourceVersionTooLarge"
