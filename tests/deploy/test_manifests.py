@@ -269,14 +269,21 @@ def test_proxy_is_highly_available(rendered: Rendered) -> None:
 
 
 @pytest.mark.parametrize(
-    ("deployment", "port"), [("api-proxy", 9090), ("apiproxy-federation", 9091)]
+    ("deployment", "port", "readiness"),
+    [
+        ("api-proxy", 9090, {"path": "/readyz", "port": "metrics"}),
+        # `apiproxy federate` serves no /readyz; ready = its exporter (the Service target) answers
+        ("apiproxy-federation", 9091, {"path": "/healthz", "port": "exporter"}),
+    ],
 )
-def test_probes_use_the_metrics_port(rendered: Rendered, deployment: str, port: int) -> None:
+def test_probes_use_the_health_endpoints(
+    rendered: Rendered, deployment: str, port: int, readiness: Doc
+) -> None:
     c = container(rendered, deployment)
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports["metrics"] == port
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
-    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert c["readinessProbe"]["httpGet"] == readiness
 
 
 def test_services_route_to_the_right_ports(rendered: Rendered) -> None:
@@ -320,7 +327,7 @@ def test_every_namespaced_object_names_its_namespace(rendered: Rendered) -> None
         if d["kind"] in CLUSTER_SCOPED:
             assert ns is None, d["metadata"]["name"]
         elif d["kind"] in ("Role", "RoleBinding"):
-            assert ns in (NAMESPACE, ISTIO_NAMESPACE), d["metadata"]["name"]
+            assert ns in (NAMESPACE, ISTIO_NAMESPACE, "default"), d["metadata"]["name"]
         else:
             assert ns == NAMESPACE, f"{d['kind']}/{d['metadata']['name']}"
 
@@ -438,6 +445,9 @@ FEDERATION_GRANTS: dict[tuple[str | None, str, str], Doc] = {
     (ISTIO_NAMESPACE, "", "services"): {"get": ANY, "list": ANY},
     (ISTIO_NAMESPACE, "", "pods"): {"list": ANY},
     (ISTIO_NAMESPACE, "", "events"): {"create": ANY, "patch": ANY},
+    # events of the cluster-scoped IstioMulticluster objects
+    ("default", "", "events"): {"create": ANY, "patch": ANY},
+    ("default", "", "secrets"): {},
 }
 
 

@@ -10,6 +10,7 @@ from .conftest import CHECKOV_VERSION, CheckovReport, Rendered
 ACCEPTED = {
     "CKV_K8S_43",  # image by digest: only a release overlay knows the pushed digest
     "CKV_K8S_15",  # imagePullPolicy Always: IfNotPresent with immutable tags/digests
+    "CKV_K8S_21",  # namespace default: events of cluster-scoped IstioMulticlusters live there
     "CKV_DOCKER_2",  # HEALTHCHECK: probes per subcommand live in the Deployments
 }
 
