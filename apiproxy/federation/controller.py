@@ -366,19 +366,37 @@ class Controller:
         self.registry.replace_all(known)
 
         # 3-4: artifacts.
+        # One failing write (a 409 race, a webhook) must not stop the others; it is retried on
+        # the next pass. A deleted peer keeps its finalizer until every cleanup succeeded.
+        clean = True
         for w in active:
-            await self._remote_secret(w, report)
-        await self._sweep_remote_secrets({w.name for w in active}, report)
-        await self._peers_secret(active, report)
-        await self._mesh_config(active, report)
+            clean &= await self._guard(
+                report, f"remote secret of {w.name}", self._remote_secret(w, report)
+            )
+        clean &= await self._guard(
+            report,
+            "remote secret sweep",
+            self._sweep_remote_secrets({w.name for w in active}, report),
+        )
+        clean &= await self._guard(report, "peers file", self._peers_secret(active, report))
+        clean &= await self._guard(report, "mesh config", self._mesh_config(active, report))
         for w in works:
-            if w.deleting:
-                await self._drop_finalizer(w, report)
+            if w.deleting and clean:
+                await self._guard(report, f"finalizer of {w.name}", self._drop_finalizer(w, report))
 
         # 5: probes, 6: status.
         await asyncio.gather(*(self._probe(w) for w in active))
         for w in active:
             await self._write_status(w, report)
+
+    async def _guard(self, report: PassReport, what: str, coro: Any) -> bool:
+        try:
+            await coro
+        except KubeError as exc:
+            report.errors.append(f"{what}: {exc}")
+            log.warning("write failed; retried next pass", what=what, error=str(exc))
+            return False
+        return True
 
     # ------------------------------------------------------------------ exchange
 
@@ -386,15 +404,19 @@ class Controller:
         if FINALIZER not in (w.obj["metadata"].get("finalizers") or []):
             self._check_writer()
             finalizers = [*(w.obj["metadata"].get("finalizers") or []), FINALIZER]
-            updated = await self.kube.merge_patch(
-                f"{IMC_PATH}/{w.name}",
-                {
-                    "metadata": {
-                        "finalizers": finalizers,
-                        "resourceVersion": w.obj["metadata"]["resourceVersion"],
-                    }
-                },
-            )
+            try:
+                updated = await self.kube.merge_patch(
+                    f"{IMC_PATH}/{w.name}",
+                    {
+                        "metadata": {
+                            "finalizers": finalizers,
+                            "resourceVersion": w.obj["metadata"]["resourceVersion"],
+                        }
+                    },
+                )
+            except KubeError as exc:
+                report.errors.append(f"finalizer of {w.name}: {exc}")
+                return
             w.obj["metadata"] = updated.get("metadata", w.obj["metadata"])
         state = self.peers.setdefault(w.name, PeerState())
         if not force and time.monotonic() < state.next_fetch:

@@ -514,9 +514,9 @@ async def _run(cfg: FederationConfig, kubeconfig: str | None, context: str | Non
 
 def main(argv: Sequence[str], prog: str = "apiproxy federate") -> int:
     args = _parser(prog).parse_args(list(argv))
-    applog.configure(args.log_format, args.log_level)
     cfg = config_from_args(args)
     cfg.validate()
     if args.kubeconfig and not Path(args.kubeconfig).is_file():
         raise UserError(f"--kubeconfig: {args.kubeconfig} does not exist")
+    applog.configure(args.log_format, args.log_level)
     return asyncio.run(_run(cfg, args.kubeconfig, args.context))

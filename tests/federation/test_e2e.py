@@ -203,7 +203,7 @@ async def test_istiod_in_a_discovers_b_through_bs_api_proxy(two_sides):
         assert refused_one.value.status == 403
 
 
-async def test_peer_outage_and_credential_rotation(two_sides):
+async def test_peer_outage_and_credential_rotation(two_sides, capfd):
     a, b = two_sides
     await _converge(a, b)
     kc1 = _kubeconfig(a.cluster, "b")
@@ -234,3 +234,16 @@ async def test_peer_outage_and_credential_rotation(two_sides):
     # No gap: the credentials just replaced still work, and so do the new ones.
     assert await _list_pods(before) == []
     assert await _list_pods(after) == []
+
+    # Nothing secret reached logs, status or Events on either side.
+    out = capfd.readouterr()
+    logs = out.out + out.err
+    new_token = new_user["token"]
+    assert new_token not in logs
+    assert old_user["token"] not in logs
+    assert "PRIVATE KEY" not in logs
+    for side in (a, b):
+        dumped = str(side.cluster.store.list("istiomulticlusters.deckhouse.io"))
+        dumped += str(side.cluster.store.list("events", namespace="default"))
+        assert "eyJ" not in dumped
+        assert "PRIVATE KEY" not in dumped
