@@ -318,6 +318,9 @@ class SimAPIServer:
             return self._error(err)
 
     async def _dispatch(self, request: web.Request, path: str) -> web.StreamResponse:
+        if path.startswith("/openapi/"):
+            # Not negotiated: kubectl asks for v2 as protobuf; a server without it says 404.
+            return self._openapi_response([p for p in path.split("/") if p])
         accept = request.headers.get("Accept", "")
         if not _accepts_json(accept):
             raise ApiError(

@@ -314,3 +314,19 @@ async def test_secret_type_field_selector(raw: Any, sim: SimAPIServer) -> None:
     )
     _, _, body = await raw.get("/api/v1/secrets?fieldSelector=type!%3Dhelm.sh/release.v1")
     assert [i["metadata"]["name"] for i in body["items"]] == ["a"]
+
+
+async def test_openapi_v3_declares_field_validation_and_v2_is_absent(raw: Any) -> None:
+    _, _, index = await raw.get("/openapi/v3")
+    url = index["paths"]["api/v1"]["serverRelativeURL"]
+    _, _, doc = await raw.get(url)
+    patch_op = doc["paths"]["/api/v1/namespaces/{namespace}/configmaps/{name}"]["patch"]
+    assert patch_op["x-kubernetes-group-version-kind"]["kind"] == "ConfigMap"
+    assert {"name": "fieldValidation", "in": "query", "schema": {"type": "string"}} in patch_op[
+        "parameters"
+    ]
+    code, _, _ = await raw.get(
+        "/openapi/v2",
+        headers={"Accept": "application/com.github.proto-openapi.spec.v2@v1.0+protobuf"},
+    )
+    assert code == 404
