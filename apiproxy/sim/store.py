@@ -545,7 +545,7 @@ class Store:
                     f"object meta: {cur['metadata']['uid']}",
                 )
             if subresource == "status":
-                merged = cur
+                merged = copy.deepcopy(cur)  # `cur` is compared below: never merge into it
                 if "status" in new:
                     merged["status"] = new["status"]
                 else:
