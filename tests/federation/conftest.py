@@ -18,7 +18,7 @@ from kubernetes_asyncio.client import ApiClient
 
 from apiproxy import pki
 from apiproxy.federation.main import Federation, FederationConfig, load_crd
-from apiproxy.sim import SimAPIServer, Store
+from apiproxy.sim import SimAPIServer
 
 FOREIGN_MESH = {
     "trustDomain": "cluster.local",
@@ -120,46 +120,6 @@ class Cluster:
             yaml.safe_load(data.get("mesh") or "") or {},
             yaml.safe_load(data.get("meshNetworks") or "") or {},
         )
-
-
-def _status_updates_are_lost() -> bool:
-    store = Store()
-    store.create(
-        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "default"}}
-    )
-    pod = store.get("pods", "p", "default")
-    pod["status"] = {"phase": "Running"}
-    store.update(pod, subresource="status")
-    return store.get("pods", "p", "default").get("status") != {"phase": "Running"}
-
-
-@pytest.fixture(autouse=True)
-def _sim_status_subresource(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Work around a simulator bug (reported to its owner): `Store.update(subresource="status")`
-    merges into the very dict it compares against, so every status write is a silent no-op.
-    Until it is fixed, route status writes through a full update carrying the new status.
-    Applied only while the bug is present."""
-    if not _status_updates_are_lost():
-        return
-    original = Store.update
-
-    def update(self: Store, obj: dict[str, Any], **kw: Any) -> dict[str, Any]:
-        if kw.get("subresource") != "status":
-            return original(self, obj, **kw)
-        rt = self._rt_for(obj, kw.get("resource"))
-        meta = obj.get("metadata") or {}
-        cur = self.get_entry(rt, meta.get("namespace", "") if rt.namespaced else "", meta["name"])
-        full = cur.obj()
-        if meta.get("resourceVersion"):
-            full["metadata"]["resourceVersion"] = meta["resourceVersion"]
-        if "status" in obj:
-            full["status"] = obj["status"]
-        else:
-            full.pop("status", None)
-        kw = {**kw, "subresource": "", "keep_status": True}
-        return original(self, full, **kw)
-
-    monkeypatch.setattr(Store, "update", update)
 
 
 async def make_cluster(name: str, ca: pki.KeyPair) -> Cluster:
