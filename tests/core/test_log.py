@@ -21,3 +21,21 @@ def test_secrets_are_redacted_in_json_logs(capsys):
     assert "eyJhbGci" not in line
     assert "BEGIN PRIVATE KEY" not in line
     assert record["event"] == "upstream refused"
+
+
+def test_logging_follows_the_current_stderr(monkeypatch):
+    """A stream captured at configure() time may be closed later (test runners, daemons)."""
+    import io
+    import logging
+
+    first = io.StringIO()
+    monkeypatch.setattr("sys.stderr", first)
+    log.configure("json")
+    first.close()
+    second = io.StringIO()
+    monkeypatch.setattr("sys.stderr", second)
+    structlog.get_logger("t").info("after swap")
+    logging.getLogger("aiohttp.test").warning("stdlib after swap")
+    out = second.getvalue()
+    assert '"event": "after swap"' in out
+    assert "stdlib after swap" in out
