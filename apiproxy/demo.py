@@ -288,8 +288,9 @@ class Demo:
         ]
         assert len(steps) == TOTAL_STEPS
         code = 0
+        deadline = asyncio.timeout(self.opts.timeout)
         try:
-            async with asyncio.timeout(self.opts.timeout):
+            async with deadline:
                 for step in steps:
                     await step()
                     n.done()
@@ -297,8 +298,11 @@ class Demo:
             code = self._failed(str(exc))
         except DeadlineExceeded as exc:
             code = self._failed(f"an awaited change did not happen: {exc}")
-        except TimeoutError:
-            code = self._failed(f"not finished within --timeout {self.opts.timeout:g} s")
+        except TimeoutError as exc:
+            if deadline.expired():
+                code = self._failed(f"not finished within --timeout {self.opts.timeout:g} s")
+            else:
+                code = self._failed(f"timed out: {exc or 'a wait ran past its deadline'}")
         except Exception as exc:
             if self.opts.verbose:
                 traceback.print_exc(file=sys.stderr)
@@ -404,7 +408,10 @@ class Demo:
             fed = Federation(cfg, await c.client())
             side.fed = fed
             await fed.start()
-            await fed.wait_leader(timeout=WAIT)
+            try:
+                await fed.wait_leader(timeout=WAIT)
+            except TimeoutError:
+                raise StepFailed(f"{side.label}: federate did not win its Lease") from None
             ident = side.need_fed().identity
             assert ident is not None
             check(ident.cluster_uuid == c.uuid, f"{side.label}: federate found another UUID")
@@ -795,7 +802,12 @@ class Demo:
                 f"{b.label}'s api-proxy"
             ) from None
         for resource in ("pods", "services", "endpointslices.discovery.k8s.io"):
-            await asyncio.to_thread(b.store.wait_for_watchers, resource, 1, 5.0)
+            try:
+                await asyncio.to_thread(b.store.wait_for_watchers, resource, 1, 5.0)
+            except TimeoutError:
+                raise StepFailed(
+                    f"no watch of {resource} reached {b.label}'s kube-apiserver"
+                ) from None
         b_pods = {
             f"{p['metadata']['namespace']}/{p['metadata']['name']}" for p in b.store.list("pods")
         }
