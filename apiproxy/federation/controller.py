@@ -144,6 +144,10 @@ class PeerState:
     failures: int = 0
     next_fetch: float = 0.0  # monotonic
     next_rotation: float = float("inf")  # wall clock
+    # A failed check of the peer's api-proxy is retried on its own backoff: the peer may load our
+    # credentials seconds after the exchange, and waiting a full resync would leave it False.
+    probe_failures: int = 0
+    next_probe: float = float("inf")  # monotonic
 
 
 @dataclass
@@ -300,7 +304,9 @@ class Controller:
         now_m, now_w = time.monotonic(), time.time()
         delay = self.settings.resync_interval
         for st in self.peers.values():
-            delay = min(delay, st.next_fetch - now_m, st.next_rotation - now_w)
+            delay = min(
+                delay, st.next_fetch - now_m, st.next_probe - now_m, st.next_rotation - now_w
+            )
         return max(0.05, delay)
 
     async def wait_for_pass(self, after: int, timeout: float = 30.0) -> PassReport:  # noqa: ASYNC109
@@ -427,11 +433,14 @@ class Controller:
             state.next_fetch = time.monotonic() + self.settings.resync_interval
         else:
             state.failures += 1
-            backoff = min(
-                self.settings.backoff_max,
-                self.settings.backoff_base * 2 ** min(state.failures - 1, 16),
-            )
-            state.next_fetch = time.monotonic() + backoff * random.uniform(0.5, 1.0)  # noqa: S311
+            state.next_fetch = time.monotonic() + self._backoff(state.failures)
+
+    def _backoff(self, failures: int) -> float:
+        """Exponential backoff with jitter, so peers that failed together do not retry together."""
+        base = min(
+            self.settings.backoff_max, self.settings.backoff_base * 2 ** min(failures - 1, 16)
+        )
+        return float(base) * random.uniform(0.5, 1.0)  # noqa: S311
 
     async def _fetch(self, w: Work, report: PassReport) -> bool:
         spec = w.spec
@@ -742,12 +751,16 @@ class Controller:
             if w.private() is None:
                 w.set(REMOTE_API, False, "AwaitingPrivate", "private metadata is not available")
             return
+        state = self.peers.setdefault(w.name, PeerState())
         try:
             await probe_api(w.kubeconfig, timeout=self.settings.probe_timeout)
         except ProbeError as exc:
             self.metrics.api_check_errors.labels(w.name).inc()
             w.set(REMOTE_API, False, "RemoteAPIUnreachable", exc.message)
+            state.probe_failures += 1
+            state.next_probe = time.monotonic() + self._backoff(state.probe_failures)
             return
+        state.probe_failures, state.next_probe = 0, float("inf")
         w.set(REMOTE_API, True, "APIVersionsServed", "the peer's api-proxy answered GET /api")
 
     # ------------------------------------------------------------------ status

@@ -45,6 +45,10 @@ async def test_two_clusters_exchange_metadata_and_write_artifacts(clusters, expo
     api = a.condition("b", REMOTE_API)
     assert api["status"] == "False"
     assert api["reason"] == "RemoteAPIUnreachable"
+    # A failed check is retried on its own backoff, well before the next resync.
+    assert fa.controller is not None
+    assert fa.controller.peers["b"].probe_failures >= 1
+    assert fa.controller._sleep_for() < fa.controller.settings.resync_interval
     imc = a.imc("b")
     assert "apiproxy.io/federation" in imc["metadata"]["finalizers"]
     assert imc["status"]["pinnedClusterUUID"] == b.uuid
