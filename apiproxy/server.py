@@ -27,6 +27,8 @@ from yarl import URL
 
 from apiproxy import __version__, log, status, upstream
 from apiproxy import peers as peers_mod
+from apiproxy.audit import AuditWriter
+from apiproxy.audit.events import make_event, object_ref_from_info
 from apiproxy.authn import AuthnFailure, Identity, authenticate
 from apiproxy.errors import UserError
 from apiproxy.forward import (
@@ -41,7 +43,9 @@ from apiproxy.forward import (
     upstream_request_headers,
 )
 from apiproxy.metrics import Metrics
+from apiproxy.policy import Policy
 from apiproxy.reload import FileWatcher
+from apiproxy.request import RequestRejected, classify
 from apiproxy.tls import ServerTLS, peer_certificate
 
 _log = log.get_logger("apiproxy.server")
@@ -98,7 +102,6 @@ class ProxyServer:
         self.config = config
         self.metrics = Metrics()
         # Load everything now: a bad file fails construction, before any port is bound.
-        from apiproxy.policy import Policy
 
         self.policy = Policy.load(config.policy)
         self.peers = peers_mod.load(config.peers, own_cluster_uuid=config.cluster_uuid)
@@ -154,8 +157,6 @@ class ProxyServer:
         if self._changed is None:
             self._changed = asyncio.Event()
         if c.audit_log:
-            from apiproxy.audit import AuditWriter
-
             self.audit = AuditWriter(
                 c.audit_log, max_bytes=c.audit_max_bytes, backups=c.audit_backups
             )
@@ -235,7 +236,6 @@ class ProxyServer:
             self.watcher.add("upstream-token", [str(tok.path)], self._reload_token)
 
     def _reload_policy(self) -> None:
-        from apiproxy.policy import Policy
 
         self.policy = Policy.load(self.config.policy)
 
@@ -266,6 +266,7 @@ class ProxyServer:
         else:
             # UserError texts name the file and the problem, never secret content.
             _log.error("reload_refused", what=what, error=str(err), kept="previous")
+        self._notify()  # lets `wait_until` callers await a reload instead of forcing one
 
     async def reload_now(self) -> list[tuple[str, bool]]:
         """Check every watched file now (tests, SIGHUP)."""
@@ -353,8 +354,6 @@ class ProxyServer:
         except AuthnFailure as failure:
             return await self._refuse_authn(r, failure)
         peer = r.identity.peer.name
-        from apiproxy.request import RequestRejected, classify
-
         try:
             r.info = classify(r.method, r.target)
         except RequestRejected as exc:
@@ -605,7 +604,6 @@ class ProxyServer:
     async def _refuse_authn(self, r: _Req, failure: AuthnFailure) -> web.StreamResponse:
         self.metrics.authn_failures.labels(failure.reason).inc()
         r.annotations["apiproxy.io/authn-failure"] = failure.reason
-        from apiproxy.request import RequestRejected, classify
 
         with contextlib.suppress(RequestRejected):
             r.info = classify(r.method, r.target)
@@ -664,7 +662,6 @@ class ProxyServer:
     async def _audit(self, r: _Req, stage: str, code: int) -> None:
         if self.audit is None:
             return
-        from apiproxy.audit.events import make_event, object_ref_from_info
 
         ident = r.identity
         event = make_event(
