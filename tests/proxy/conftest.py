@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import ssl
 import uuid
@@ -17,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from apiproxy import pki, tokens, upstream
 from apiproxy.server import ProxyServer, ServeConfig
+from apiproxy.sim import SimAPIServer
 
 OWN_UUID = "11111111-1111-4111-8111-111111111111"
 UUID_A = "aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa"
@@ -280,3 +282,37 @@ def audit_records(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def pod(name: str, ns: str = "x") -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "labels": {"app": "web"}},
+        "spec": {"containers": [{"name": "c", "image": "busybox"}]},
+        "status": {"phase": "Running", "podIP": "10.0.0.7"},
+    }
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[SimAPIServer]:
+    async with SimAPIServer() as s:
+        s.store.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "x"}})
+        s.store.create(pod("web-0"))
+        s.store.create(
+            {
+                "apiVersion": "v1",
+                "kind": "Endpoints",
+                "metadata": {"name": "web", "namespace": "x"},
+                "subsets": [{"addresses": [{"ip": "10.0.0.7"}], "ports": [{"port": 80}]}],
+            }
+        )
+        s.store.create(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": "cacerts", "namespace": "x"},
+                "data": {"ca-key.pem": base64.b64encode(b"private").decode()},
+            }
+        )
+        yield s

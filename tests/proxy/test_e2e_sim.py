@@ -8,7 +8,6 @@ import os
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,41 +17,7 @@ import yaml
 from apiproxy import pki
 from apiproxy.server import ProxyServer
 from apiproxy.sim import SimAPIServer
-from tests.proxy.conftest import ProxyFactory, World, audit_records, make_files
-
-
-def pod(name: str, ns: str = "x") -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "namespace": ns, "labels": {"app": "web"}},
-        "spec": {"containers": [{"name": "c", "image": "busybox"}]},
-        "status": {"phase": "Running", "podIP": "10.0.0.7"},
-    }
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[SimAPIServer]:
-    async with SimAPIServer() as s:
-        s.store.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "x"}})
-        s.store.create(pod("web-0"))
-        s.store.create(
-            {
-                "apiVersion": "v1",
-                "kind": "Endpoints",
-                "metadata": {"name": "web", "namespace": "x"},
-                "subsets": [{"addresses": [{"ip": "10.0.0.7"}], "ports": [{"port": 80}]}],
-            }
-        )
-        s.store.create(
-            {
-                "apiVersion": "v1",
-                "kind": "Secret",
-                "metadata": {"name": "cacerts", "namespace": "x"},
-                "data": {"ca-key.pem": base64.b64encode(b"private").decode()},
-            }
-        )
-        yield s
+from tests.proxy.conftest import ProxyFactory, World, audit_records, make_files, pod
 
 
 async def proxy_for(sim: SimAPIServer, world: World, tmp: Path, make_proxy: ProxyFactory) -> Any:
