@@ -62,13 +62,14 @@ from apiproxy.federation import artifacts
 from apiproxy.federation.controller import CONDITION_TYPES, FINALIZER
 from apiproxy.federation.main import LEASE_NAME, Federation, FederationConfig
 from apiproxy.policy import Policy
+from apiproxy.policy.shipped import shipped_policy
 from apiproxy.server import ProxyServer, ServeConfig
 from apiproxy.sim.seed import pod as seed_pod
 
 TOTAL_STEPS = 12
 IMC = ("deckhouse.io", "v1alpha1", "istiomulticlusters")
 PEERS_SECRET = "apiproxy-peers"  # noqa: S105 - a name
-DEFAULT_POLICY = Path(__file__).resolve().parents[1] / "policies" / "istio-remote.yaml"
+DEFAULT_POLICY = shipped_policy("istio-remote.yaml")
 WAIT = 20.0  # seconds: the longest any single step waits for an event
 INDENT = "      "
 
