@@ -15,6 +15,7 @@ from typing import Any, Final
 from urllib.parse import unquote
 
 from apiproxy.log import redact_text
+from apiproxy.status import REASONS
 
 API_VERSION: Final = "audit.k8s.io/v1"
 KIND: Final = "Event"
@@ -61,23 +62,6 @@ _OBJECT_REF_KEYS: Final = (
 _SECRET_PARAM = re.compile(r"token|password|secret|jwt|bearer|authorization", re.IGNORECASE)
 REDACTED_PARAM: Final = "REDACTED"
 
-_STATUS_REASONS: Final = {
-    400: "BadRequest",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "NotFound",
-    405: "MethodNotAllowed",
-    406: "NotAcceptable",
-    409: "Conflict",
-    410: "Expired",
-    413: "RequestEntityTooLarge",
-    415: "UnsupportedMediaType",
-    422: "Invalid",
-    429: "TooManyRequests",
-    500: "InternalError",
-    503: "ServiceUnavailable",
-    504: "Timeout",
-}
 
 Timestamp = datetime | float | str
 
@@ -178,7 +162,7 @@ def _status_text(code: int) -> dict[str, Any]:
     status: dict[str, Any] = {"metadata": {}}
     if code >= 400:
         status["status"] = "Failure"
-        reason = _STATUS_REASONS.get(code)
+        reason = REASONS.get(code)
         if reason:
             status["reason"] = reason
     status["code"] = code

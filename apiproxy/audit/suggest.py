@@ -26,22 +26,14 @@ from typing import Any, Final
 
 from apiproxy.audit import events as ev
 from apiproxy.audit.review import Filter, ReadStats, Rec, iter_parsed
-
-RESOURCE_VERBS: Final = (
-    "get",
-    "list",
-    "watch",
-    "create",
-    "update",
-    "patch",
-    "delete",
-    "deletecollection",
-    "proxy",
+from apiproxy.policy.model import (
+    DANGEROUS_RESOURCES,
+    DANGEROUS_SUBRESOURCES,
+    NON_RESOURCE_VERBS,
+    READ_VERBS,
+    RESOURCE_VERBS,
 )
-NON_RESOURCE_VERBS: Final = ("get", "head", "post", "put", "patch", "delete")
-READ_VERBS: Final = frozenset({"get", "list", "watch", "head"})
-DANGEROUS_RESOURCES: Final = frozenset({"secrets"})
-DANGEROUS_SUBRESOURCES: Final = frozenset({"proxy", "exec", "attach", "portforward"})
+
 MAX_GROUPS: Final = 10_000  # distinct (peer, group, resource) tracked; the rest are reported
 MAX_NAMESPACES: Final = 100  # per group; beyond it the suggestion widens to all namespaces
 

@@ -21,6 +21,7 @@ __all__ = [
     "DANGEROUS_SUBRESOURCES",
     "KIND",
     "NON_RESOURCE_VERBS",
+    "READ_VERBS",
     "RESOURCE_VERBS",
     "PolicyError",
     "Rule",
@@ -42,7 +43,7 @@ RESOURCE_VERBS = (
     "proxy",
 )
 NON_RESOURCE_VERBS = ("get", "head", "post", "put", "patch", "delete")
-_READ_VERBS = frozenset({"get", "list", "watch", "head"})
+READ_VERBS = frozenset({"get", "list", "watch", "head"})
 DANGEROUS_RESOURCES = frozenset({"secrets"})
 DANGEROUS_SUBRESOURCES = frozenset({"proxy", "exec", "attach", "portforward"})
 
@@ -286,7 +287,7 @@ def _parse_rule(p: _Parser, node: yaml.Node) -> Rule:
                 item,
                 f"unknown verb {value!r} for {kind}; allowed: {', '.join(allowed_verbs)} or '*'",
             )
-        elif value not in _READ_VERBS:
+        elif value not in READ_VERBS:
             hazards.append((item, f"verb {value!r} is not read-only"))
     verb_values = tuple(v for v, _ in verbs)
 
