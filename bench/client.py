@@ -25,6 +25,7 @@ from typing import Any
 import aiohttp
 
 STAMP = b'"bench.apiproxy.io/sent-ns":"'
+RETRIES: dict[str, int] = {}  # watch opens answered 5xx and retried, by status (reported)
 
 
 def _session(args: argparse.Namespace) -> aiohttp.ClientSession:
@@ -65,11 +66,16 @@ async def _open_watches(
 
     async def one() -> aiohttp.ClientResponse:
         async with gate:
-            resp = await session.get(path)
-            if resp.status != 200:
+            for attempt in range(4):
+                resp = await session.get(path)
+                if resp.status == 200:
+                    return resp
                 text = await resp.text()
-                raise RuntimeError(f"watch refused: {resp.status} {text[:200]}")
-            return resp
+                if resp.status < 500 or attempt == 3:
+                    raise RuntimeError(f"watch refused: {resp.status} {text[:200]}")
+                RETRIES[str(resp.status)] = RETRIES.get(str(resp.status), 0) + 1
+                await asyncio.sleep(0.5)
+            raise AssertionError("unreachable")
 
     return list(await asyncio.gather(*(one() for _ in range(n))))
 
@@ -117,6 +123,7 @@ async def watch(args: argparse.Namespace) -> dict[str, Any]:
         "events_per_second": state["events"] / span if span > 0 else 0.0,
         "latency_p50_us": _pct(latencies, 0.50) / 1e3,
         "latency_p99_us": _pct(latencies, 0.99) / 1e3,
+        "retries": RETRIES,
     }
 
 

@@ -563,6 +563,14 @@ class Bench:
 
     # -- 3. idle watches --------------------------------------------------------------------
 
+    def poke_until(self, target: int, timeout: float = 30) -> None:
+        """End the simulator's handlers of watches whose clients are gone (see bench.upstream)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.upstream.send("poke")
+            if self.upstream.json_line(timeout=30)["watchers"] <= target:
+                return
+
     def upstream_watchers(self) -> int:
         self.upstream.send("watchers")
         return int(self.upstream.json_line(timeout=30)["watchers"])
@@ -585,11 +593,13 @@ class Bench:
         child.send("stop")
         child.json_line(timeout=120)
         child.wait(60)
+        self.poke_until(up_before)
         per = {k: (after[k] - before[k]) / n for k in ("rss", "uss") if k in after}
         say(
             f"  idle n={n:<5} {c.name:<8} {per['rss'] / 1024:6.1f} KiB/watch RSS  "
             f"{per.get('uss', 0) / 1024:6.1f} KiB/watch USS  (open {ready['open_seconds']:.1f}s,"
             f" upstream sees {upstream_watchers} more)"
+            + (f"  RETRIED OPENS {ready['retries']}" if ready.get("retries") else "")
         )
         return {
             "before": before,
@@ -598,6 +608,7 @@ class Bench:
             "per_watch_uss_kib": per.get("uss", 0) / 1024,
             "open_seconds": ready["open_seconds"],
             "upstream_watchers": upstream_watchers,
+            "retried_opens": ready.get("retries", {}),
         }
 
     def idle(self) -> dict[str, Any]:
@@ -724,6 +735,8 @@ class Bench:
             load()
             spy_child.wait(secs + 60)
             out[what] = top_functions(raw)
+            for name, pct in out[what].get("self_percent", [])[:6]:
+                say(f"  {what}: {pct:5.1f}% self  {name}")
         return out
 
 
@@ -1075,6 +1088,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if part in parts:
                     say(f"== {key}")
                     result[key] = fn()
+        except Exception as exc:
+            result["error"] = f"{type(exc).__name__}: {exc}"[:4000]
+            say(f"FAILED: {result['error']}")
         finally:
             bench.close()
         result["notes"] = bench.notes
@@ -1087,7 +1103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tmp_out.write_text(json.dumps(result, indent=1) + "\n")
     tmp_out.replace(out)
     say(f"wrote {out} ({result['wall_seconds']} s)")
-    return 0
+    return 1 if "error" in result else 0
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@ answers each with one JSON line:
     churn RATE SECONDS   update pods of namespace `churn` (RATE per second, 0 = as fast as it can),
                          each stamped with annotation bench.apiproxy.io/sent-ns = time.time_ns()
     watchers             how many watches are open on pods
+    poke                 update one pod of namespace `small`: watch handlers whose client has
+                         gone notice it on that write and end (the simulator only learns of a
+                         closed watch connection when it next writes to it)
     quit                 stop
 """
 
@@ -247,6 +250,13 @@ async def serve(args: argparse.Namespace) -> None:
             if cmd == "churn":
                 out: dict[str, Any] = await churn.run(float(rest[0]), float(rest[1]))
             elif cmd == "watchers":
+                out = {"watchers": store.watcher_count("pods")}
+            elif cmd == "poke":
+                p = store.get("pods", "small-0", SMALL_NS)
+                p["metadata"].pop("resourceVersion", None)
+                p["metadata"].setdefault("annotations", {})[STAMP] = str(time.time_ns())
+                store.update(p, resource="pods")
+                await asyncio.sleep(0.5)
                 out = {"watchers": store.watcher_count("pods")}
             elif cmd == "quit":
                 break
