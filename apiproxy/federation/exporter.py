@@ -114,6 +114,10 @@ class Exporter:
         self.port = sockets[0].getsockname()[1] if sockets else port
         return self.port
 
+    @property
+    def serving(self) -> bool:
+        return self._runner is not None and self.port > 0
+
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()

@@ -8,9 +8,11 @@ documents; the generated typed models would only add conversions. Errors surface
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 from kubernetes_asyncio.client import ApiClient
 from kubernetes_asyncio.client.exceptions import ApiException
 
@@ -58,9 +60,20 @@ def lease_path(namespace: str, name: str = "") -> str:
     return f"{base}/{name}" if name else base
 
 
+def _answered(status: int) -> bool:
+    """The kube-apiserver itself answered (a 404 or 409 is an answer; 5xx and 429 are not)."""
+    return 0 < status < 500 and status != 429
+
+
 class Kube:
     def __init__(self, api_client: ApiClient) -> None:
         self.api_client = api_client
+        # Monotonic time of the last answer from the kube-apiserver (any request or watch
+        # event): /readyz judges reachability from it.
+        self.last_answer: float | None = None
+
+    def _seen(self) -> None:
+        self.last_answer = time.monotonic()
 
     async def request(
         self,
@@ -87,8 +100,21 @@ class Kube:
                 _request_timeout=timeout,
             )
         except ApiException as exc:
-            raise KubeError(int(exc.status or 0), _reason(exc)) from None
+            status = int(exc.status or 0)
+            if _answered(status):
+                self._seen()
+            raise KubeError(status, _reason(exc)) from None
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            # Transport failures (refused, reset, timed out, disconnected) are KubeError too, so
+            # every caller's outage handling covers them; aiohttp's ServerDisconnectedError is
+            # not an OSError and used to escape (and kill the leader-election loop).
+            raise KubeError(0, f"kube-apiserver unreachable: {type(exc).__name__}") from None
+        self._seen()
         return result if isinstance(result, dict) else {}
+
+    async def ping(self, timeout: float = 3.0) -> None:  # noqa: ASYNC109 - a request timeout
+        """GET /version (readable by every authenticated user): is the API answering?"""
+        await self.request("GET", "/version", timeout=timeout)
 
     async def get(self, path: str) -> Obj | None:
         try:
@@ -144,6 +170,8 @@ class Kube:
             )
         except ApiException as exc:
             raise KubeError(int(exc.status or 0), _reason(exc)) from None
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise KubeError(0, f"kube-apiserver unreachable: {type(exc).__name__}") from None
         try:
             if resp.status >= 300:
                 text = (await resp.read()).decode(errors="replace")
@@ -152,6 +180,7 @@ class Kube:
                 line = await resp.content.readline()
                 if not line:
                     return
+                self._seen()
                 line = line.strip()
                 if not line:
                     continue

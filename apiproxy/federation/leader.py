@@ -58,12 +58,23 @@ class LeaderElector:
         self._observed_at = 0.0
         self._valid_until = 0.0
         self._leading = False
+        self._last_seen: float | None = None  # monotonic: last time the Lease was read
         self.transitions = 0
         self.changed = asyncio.Event()
 
     @property
     def can_write(self) -> bool:
         return self._leading and time.monotonic() < self._valid_until
+
+    @property
+    def healthy(self) -> bool:
+        """Leading, or a standby that read the Lease within the last `lease_duration` (so it
+        would notice an expiry and take over). Used by /readyz."""
+        if self.can_write:
+            return True
+        return self._last_seen is not None and time.monotonic() - self._last_seen < (
+            self.lease_duration
+        )
 
     @property
     def observed_holder(self) -> str:
@@ -92,6 +103,7 @@ class LeaderElector:
         path = lease_path(self.namespace, self.name)
         try:
             lease = await self.kube.get(path)
+            self._last_seen = started
             if lease is None:
                 body = {
                     "apiVersion": "coordination.k8s.io/v1",
@@ -138,7 +150,11 @@ class LeaderElector:
         """Acquire, then renew every `retry_period`; forever (cancel to stop)."""
         try:
             while True:
-                ok = await self.try_acquire_or_renew()
+                try:
+                    ok = await self.try_acquire_or_renew()
+                except Exception as exc:  # never let one odd failure end the election loop
+                    log.warning("lease update failed", error=type(exc).__name__)
+                    ok = False
                 if ok:
                     self._set_leading(True)
                 elif self._leading and (

@@ -19,6 +19,7 @@ import re
 import signal
 import socket
 import ssl
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -114,6 +115,9 @@ class FederationConfig:
     backoff_base: float = 5.0
     backoff_max: float = 300.0
     fetch_timeout: float = 10.0
+    # /readyz: the kube-apiserver counts as reachable when it answered within this many seconds
+    # (otherwise /readyz asks it once itself, GET /version).
+    api_ready_window: float = 30.0
 
     def validate(self) -> None:
         if not self.cluster_domain or not valid_address(self.cluster_domain):
@@ -128,6 +132,8 @@ class FederationConfig:
             raise UserError("--ingress-gateway-service: expected NS/NAME")
         if self.credential_ttl < 2:
             raise UserError("--credential-ttl must be at least 2s")
+        if self.api_ready_window <= 0:
+            raise UserError("the kube-apiserver readiness window must be positive")
         if self.resync_interval <= 0:
             raise UserError("--resync-interval must be positive")
         parse_listen(self.exporter_listen, "--exporter-listen")
@@ -157,11 +163,18 @@ class Federation:
         self._metrics_runner: web.AppRunner | None = None
         self._imc_generations: dict[str, tuple[int, bool]] = {}
         self.watch_synced = asyncio.Event()
+        self._ping_lock = asyncio.Lock()
+        self._was_ready = False
+        self._watch_task: asyncio.Task[None] | None = None
+        self._elector_task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         cfg = self.config
+        if cfg.metrics_listen:
+            # First, so /healthz answers and /readyz says what is missing while we start.
+            await self._start_metrics(*parse_listen(cfg.metrics_listen, "--metrics-listen"))
         self.identity = await ensure_identity(
             self.kube,
             namespace=cfg.namespace,
@@ -189,8 +202,6 @@ class Federation:
         )
         host, port = parse_listen(cfg.exporter_listen, "--exporter-listen")
         self.exporter_port = await self.exporter.start(host, port, self._exporter_ssl())
-        if cfg.metrics_listen:
-            await self._start_metrics(*parse_listen(cfg.metrics_listen, "--metrics-listen"))
         if cfg.leader_elect:
             self.elector = LeaderElector(
                 self.kube,
@@ -221,9 +232,9 @@ class Federation:
         )
         if not cfg.leader_elect:
             self.metrics.leader.set(1)
-        self._spawn(self._watch_imcs())
+        self._watch_task = self._spawn(self._watch_imcs())
         if self.elector is not None:
-            self._spawn(self.elector.run())
+            self._elector_task = self._spawn(self.elector.run())
         self._spawn(self.controller.run())
         log.info(
             "federation started",
@@ -296,8 +307,61 @@ class Federation:
 
     # ------------------------------------------------------------------ internals
 
-    def _spawn(self, coro: Any) -> None:
-        self._tasks.append(asyncio.create_task(coro))
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.create_task(coro)
+        self._tasks.append(task)
+        return task
+
+    async def readiness(self) -> tuple[bool, list[str]]:
+        """The /readyz checks: identity loaded, exporter serving, kube-apiserver answering,
+        and leading or a healthy standby (standbys serve the exporter, so they are ready)."""
+        checks: list[tuple[str, bool, str]] = []
+        checks.append(
+            ("identity", self.identity is not None, "loaded" if self.identity else "not loaded")
+        )
+        serving = self.exporter is not None and self.exporter.serving
+        checks.append(("exporter", serving, f"port {self.exporter_port}" if serving else "down"))
+        checks.append(("kube-api", *(await self._kube_reachable())))
+        checks.append(("leader-election", *self._election_state()))
+        lines = [
+            f"[{'+' if ok else '-'}]{name} {'ok' if ok else 'failed'}: {why}"
+            for name, ok, why in checks
+        ]
+        return all(ok for _n, ok, _w in checks), lines
+
+    def _fresh(self) -> float | None:
+        last = self.kube.last_answer
+        if last is None:
+            return None
+        age = time.monotonic() - last
+        return age if age < self.config.api_ready_window else None
+
+    async def _kube_reachable(self) -> tuple[bool, str]:
+        age = self._fresh()
+        if age is None:
+            async with self._ping_lock:  # one probe at a time, however many /readyz callers
+                age = self._fresh()
+                if age is None:
+                    try:
+                        await self.kube.ping(timeout=min(3.0, self.config.api_ready_window))
+                    except KubeError as exc:
+                        return False, applog.redact_text(str(exc))[:200]
+                    age = 0.0
+        if self._watch_task is not None and self._watch_task.done():
+            return False, "the IstioMulticluster watch stopped"
+        return True, f"answered {age:.0f}s ago"
+
+    def _election_state(self) -> tuple[bool, str]:
+        if self.elector is None:
+            return True, "disabled (this replica writes)"
+        if self._elector_task is None or self._elector_task.done():
+            return False, "the election loop is not running"
+        if self.elector.can_write:
+            return True, "leader"
+        if self.elector.healthy:
+            holder = self.elector.observed_holder or "nobody"
+            return True, f"standby (Lease held by {holder})"
+        return False, "the Lease could not be read recently"
 
     def _leadership_changed(self, leading: bool) -> None:
         self.metrics.leader.set(1 if leading else 0)
@@ -327,9 +391,19 @@ class Federation:
         async def healthz(_request: web.Request) -> web.Response:
             return web.Response(text="Ok.")
 
+        async def readyz(_request: web.Request) -> web.Response:
+            ready, lines = await self.readiness()
+            if ready != self._was_ready:
+                self._was_ready = ready
+                failed = [line for line in lines if line.startswith("[-]")]
+                log.info("readiness changed", ready=ready, failed=failed)
+            lines.append("readyz check passed" if ready else "readyz check failed")
+            return web.Response(status=200 if ready else 503, text="\n".join(lines) + "\n")
+
         app = web.Application()
         app.router.add_get("/metrics", metrics)
         app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", readyz)
         self._metrics_runner = web.AppRunner(app, access_log=None)
         await self._metrics_runner.setup()
         site = web.TCPSite(self._metrics_runner, host, port)

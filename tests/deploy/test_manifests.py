@@ -272,8 +272,8 @@ def test_proxy_is_highly_available(rendered: Rendered) -> None:
     ("deployment", "port", "readiness"),
     [
         ("api-proxy", 9090, {"path": "/readyz", "port": "metrics"}),
-        # `apiproxy federate` serves no /readyz; ready = its exporter (the Service target) answers
-        ("apiproxy-federation", 9091, {"path": "/healthz", "port": "exporter"}),
+        # ready = identity, exporter serving, kube API answering, leader or healthy standby
+        ("apiproxy-federation", 9091, {"path": "/readyz", "port": "metrics"}),
     ],
 )
 def test_probes_use_the_health_endpoints(
