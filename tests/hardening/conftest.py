@@ -238,3 +238,23 @@ async def make_stack(hworld: HWorld, tmp_path: Path) -> AsyncIterator[StackFacto
 @pytest.fixture
 async def stack(make_stack: StackFactory) -> Stack:
     return await make_stack()
+
+
+async def read_response(reader: asyncio.StreamReader) -> Response:
+    """Read exactly one response with a Content-Length body (keep-alive connections)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    (resp,) = parse_responses(head)
+    n = int(resp.header("Content-Length") or 0)
+    resp.body = await reader.readexactly(n)
+    return resp
+
+
+async def open_tls(
+    stack: Stack, who: str | pki.KeyPair | None = "a"
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", stack.proxy.port, ssl=stack.ctx(who))
+
+
+def get(target: str, *, close: bool = False, extra: str = "") -> bytes:
+    conn = "Connection: close\r\n" if close else ""
+    return f"GET {target} HTTP/1.1\r\nHost: x\r\n{extra}{conn}\r\n".encode()
