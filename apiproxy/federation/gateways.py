@@ -41,11 +41,14 @@ def _node_ready(node: dict[str, Any]) -> bool:
 
 
 def _node_address(node: dict[str, Any]) -> str | None:
+    """The first *usable* ExternalIP, else InternalIP (an empty or malformed ExternalIP used to
+    hide a good InternalIP and drop the node)."""
     addresses = (node.get("status") or {}).get("addresses") or []
     for kind in ("ExternalIP", "InternalIP"):
         for a in addresses:
-            if a.get("type") == kind and isinstance(a.get("address"), str):
-                return str(a["address"])
+            addr = a.get("address")
+            if a.get("type") == kind and isinstance(addr, str) and valid_address(addr):
+                return addr
     return None
 
 
@@ -90,7 +93,7 @@ class GatewaySource:
         if spec.get("type") == "LoadBalancer":
             for ing in ((svc.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []:
                 addr = ing.get("ip") or ing.get("hostname")
-                if isinstance(addr, str) and valid_address(addr):
+                if isinstance(addr, str) and valid_address(addr := addr.lower()):
                     found.add(Gateway(addr, int(port["port"])))
                     break
         elif spec.get("type") == "NodePort" and port.get("nodePort"):
@@ -113,6 +116,6 @@ class GatewaySource:
             if node is None or not _node_ready(node):
                 continue
             addr = _node_address(node)
-            if addr and valid_address(addr):
+            if addr:
                 found.add(Gateway(addr, node_port))
         return found
