@@ -76,6 +76,33 @@ def upstream_request_headers(incoming: CIMultiDict[str] | Mapping[str, str]) -> 
     return out
 
 
+# What a protocol switch needs on top of the allowlist (WebSocket handshake, SPDY stream versions).
+UPGRADE_REQUEST_HEADERS = frozenset(
+    {
+        "sec-websocket-key",
+        "sec-websocket-version",
+        "sec-websocket-protocol",
+        "sec-websocket-extensions",
+        "x-stream-protocol-version",
+    }
+)
+
+
+def upgrade_request_headers(incoming: CIMultiDict[str] | Mapping[str, str]) -> CIMultiDict[str]:
+    """`upstream_request_headers` plus what an upgrade needs: the client's `Upgrade` value,
+    `Connection: Upgrade` (the proxy's, not the client's list), `Sec-WebSocket-*` and every
+    `X-Stream-Protocol-Version`. Headers the client names in `Connection` still stay behind."""
+    named = connection_named(incoming) - {"upgrade"}
+    out = upstream_request_headers(incoming)
+    for key, value in incoming.items():
+        low = key.lower()
+        if low in UPGRADE_REQUEST_HEADERS and low not in named:
+            out.add(key, value)
+    out["Upgrade"] = str(incoming.get("Upgrade", ""))
+    out["Connection"] = "Upgrade"
+    return out
+
+
 def is_upgrade(headers: CIMultiDict[str] | Mapping[str, str]) -> bool:
     """A protocol switch (SPDY/WebSocket for exec, attach, port-forward), by any spelling."""
     if "Upgrade" in headers:
@@ -172,6 +199,11 @@ class UpstreamPool:
             trust_env=False,
             timeout=aiohttp.ClientTimeout(total=None),
         )
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext | bool:
+        """The upstream TLS context (False: plain HTTP), for connections outside the pool."""
+        return self._ssl
 
     @property
     def session(self) -> aiohttp.ClientSession:

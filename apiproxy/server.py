@@ -27,6 +27,7 @@ from yarl import URL
 
 from apiproxy import __version__, log, status, upstream
 from apiproxy import peers as peers_mod
+from apiproxy import upgrade as upgrade_mod
 from apiproxy.audit import AuditWriter
 from apiproxy.audit.events import make_event, object_ref_from_info
 from apiproxy.authn import AuthnFailure, Identity, authenticate
@@ -364,22 +365,20 @@ class ProxyServer:
         r.annotations["apiproxy.io/rule"] = decision.rule
         if not decision.allowed:
             return await self._refuse(r, 403, self._forbidden_message(r), decision="forbid")
-        if is_upgrade(request.headers):
-            if not decision.dangerous:
-                r.annotations["authorization.k8s.io/decision"] = "forbid"
-                r.annotations["authorization.k8s.io/reason"] = (
-                    "protocol upgrade refused: no rule marked dangerous allows it"
-                )
-                return await self._refuse(
-                    r,
-                    403,
-                    self._forbidden_message(r) + ": protocol upgrades need a dangerous rule",
-                    decision="forbid",
-                )
-            return await self._refuse(
-                r, 501, "protocol upgrades are not supported by this proxy", decision="allow"
+        upgrading = is_upgrade(request.headers)
+        if upgrading and not decision.dangerous:
+            r.annotations["authorization.k8s.io/decision"] = "forbid"
+            r.annotations["authorization.k8s.io/reason"] = (
+                "protocol upgrade refused: no rule marked dangerous allows it"
             )
-        is_watch = r.info.verb == "watch"
+            return await self._refuse(
+                r,
+                403,
+                self._forbidden_message(r) + ": protocol upgrades need a dangerous rule",
+                decision="forbid",
+            )
+        # Upgraded sessions (exec, attach, port-forward) are long-lived: limited like watches.
+        is_watch = r.info.verb == "watch" or upgrading
         counts = self._watches if is_watch else self._inflight
         limit = self.config.max_watches_per_peer if is_watch else self.config.max_requests_per_peer
         if counts.get(peer, 0) >= limit:
@@ -397,6 +396,8 @@ class ProxyServer:
         gauge.labels(peer).inc()
         self._notify()
         try:
+            if upgrading:
+                return await upgrade_mod.relay(self, request, r)
             return await self._forward(request, r, is_watch)
         finally:
             counts[peer] -= 1
