@@ -538,7 +538,7 @@ class ProxyServer:
             loop = asyncio.get_running_loop()
             when = None if deadline_in is None else loop.time() + deadline_in
             try:
-                async with asyncio.timeout(when) as tmo:
+                async with asyncio.timeout_at(when) as tmo:
                     self._watch_timeouts.add(tmo)
                     if self.stopping:
                         tmo.reschedule(loop.time())

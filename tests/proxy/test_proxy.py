@@ -323,6 +323,28 @@ async def test_watch_events_are_forwarded_one_by_one(
     assert recs[1]["verb"] == "watch"
 
 
+async def test_watch_is_ended_cleanly_at_max_watch_seconds(
+    world: World, recorder: Recorder, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """An upstream that never ends a watch cannot hold it open past --max-watch-seconds."""
+    proxy, files = await make_proxy(recorder.url, max_watch_seconds=0.5)
+    async with session(world, tmp_path, world.client_a) as s:
+        async with s.get(proxy.url + "/api/v1/pods?watch=true&timeoutSeconds=300") as resp:
+            assert resp.status == 200
+            audit_id = resp.headers["Audit-ID"]
+            recorder.events.put_nowait(b'{"type":"ADDED"}\n')
+            # The stream ends with a clean chunked EOF although the upstream never closed it.
+            assert await asyncio.wait_for(resp.content.read(), 10) == b'{"type":"ADDED"}\n'
+    await asyncio.wait_for(recorder.watch_ended.wait(), 10)
+    await proxy.audit.flush()
+    done = [
+        r
+        for r in audit_records(files.audit)
+        if r["auditID"] == audit_id and r["stage"] == "ResponseComplete"
+    ]
+    assert done[0]["annotations"]["apiproxy.io/stream-ended-by"] == "deadline"
+
+
 async def test_client_going_away_closes_the_upstream_watch(
     world: World, recorder: Recorder, make_proxy: ProxyFactory, tmp_path: Path
 ) -> None:
