@@ -425,7 +425,8 @@ async def test_rotated_upstream_token_is_used_without_restart(
         "Bearer upstream-token-1",
         "Bearer upstream-token-2",
     ]
-    assert "upstream-token-2" not in (tmp_path / "audit.log").read_text()
+    await proxy.audit.flush()
+    assert "upstream-token-2" not in files.audit.read_text()
 
 
 async def test_metrics_health_and_readiness(
