@@ -394,14 +394,69 @@ def _cases() -> list[Case]:
         ),
         expect="refuse",
     )
+    exec_target = "/api/v1/namespaces/debug/pods/p/exec?command=sh"
+    spdy = (("Connection", "Upgrade"), ("Upgrade", "SPDY/3.1"))
+    # peer B's dangerous exec rule: the upgrade is relayed (upgrade headers go upstream), and the
+    # client's credentials and impersonation headers still do not
     c.append(
         Case(
             "header",
             "upgrade-on-b-exec",
             who="b",
-            target="/api/v1/namespaces/debug/pods/p/exec?command=sh",
-            headers=(("Connection", "Upgrade"), ("Upgrade", "SPDY/3.1")),
-            codes=frozenset({501}),
+            target=exec_target,
+            headers=spdy,
+            expect="forward",
+            extra={"upgrade": "1"},
+        )
+    )
+    c.append(
+        Case(
+            "header",
+            "upgrade-on-b-exec-impersonate",
+            who="b",
+            target=exec_target,
+            headers=(
+                *spdy,
+                ("Impersonate-User", "system:admin"),
+                ("Impersonate-Group", "system:masters"),
+                ("X-Remote-User", "admin"),
+                ("Connection", "Impersonate-Group"),
+            ),
+            expect="forward",
+            extra={"upgrade": "1"},
+        )
+    )
+    c.append(
+        Case(
+            "header",
+            "upgrade-h2c-on-b-exec",
+            who="b",
+            target=exec_target,
+            headers=(
+                ("Connection", "Upgrade, HTTP2-Settings"),
+                ("Upgrade", "h2c"),
+                ("HTTP2-Settings", "AAMAAABkAAQCAAAAAAIAAAAA"),
+            ),
+        )
+    )
+    c.append(
+        Case(
+            "header",
+            "upgrade-with-body-on-b-exec",
+            who="b",
+            target=exec_target,
+            method="POST",
+            headers=spdy,
+            body=b"GET /api/v1/secrets HTTP/1.1\r\n\r\n",
+        )
+    )
+    c.append(
+        Case(
+            "header",
+            "upgrade-on-b-exec-other-namespace",
+            who="b",
+            target="/api/v1/namespaces/x/pods/p/exec?command=sh",
+            headers=spdy,
         )
     )
     c.append(
