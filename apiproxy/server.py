@@ -25,7 +25,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from apiproxy import __version__, log, status, upstream
+from apiproxy import __version__, log, status, tokens, upstream
 from apiproxy import peers as peers_mod
 from apiproxy import upgrade as upgrade_mod
 from apiproxy.audit import AuditWriter
@@ -109,6 +109,9 @@ class ProxyServer:
         for w in self.peers.warnings:
             _log.warning("peers_warning", warning=w)
         self.tls = ServerTLS(config.tls_cert, config.tls_key, self.peers.client_ca_pem())
+        # Successful peer-token verifications; a hit still needs the peer's current key object
+        # and a valid time window (tokens.VerifyCache). Emptied on every peers reload as well.
+        self.token_cache = tokens.VerifyCache()
         self.upstream = config.upstream
         self.pool = UpstreamPool(
             self.upstream.ssl_context(),
@@ -244,6 +247,7 @@ class ProxyServer:
         new = peers_mod.load(self.config.peers, own_cluster_uuid=self.config.cluster_uuid)
         self.tls.rebuild(client_ca_pem=new.client_ca_pem())
         self.peers = new
+        self.token_cache.clear()
         for w in new.warnings:
             _log.warning("peers_warning", warning=w)
 
@@ -351,6 +355,7 @@ class ProxyServer:
                 certificate=peer_certificate(request.transport),
                 authorization=request.headers.get("Authorization"),
                 cluster_uuid=self.config.cluster_uuid,
+                token_cache=self.token_cache,
             )
         except AuthnFailure as failure:
             return await self._refuse_authn(r, failure)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -185,12 +186,7 @@ def verify(
     for claim in ("exp", "nbf", "iat"):
         if claim in claims and not isinstance(claims[claim], int | float):
             raise TokenError("invalid", f"{claim} is not a number")
-    if current >= claims["exp"] + leeway:
-        raise TokenError("expired")
-    if "nbf" in claims and current + leeway < claims["nbf"]:
-        raise TokenError("not_yet_valid")
-    if "iat" in claims and current + leeway < claims["iat"]:
-        raise TokenError("issued_in_future")
+    _check_times(claims, current, leeway)
     if claims.get("scope") != scope:
         raise TokenError("wrong_scope", str(claims.get("scope")))
     return Claims(
@@ -201,3 +197,91 @@ def verify(
         expires_at=float(claims["exp"]),
         raw=claims,
     )
+
+
+def _check_times(raw: Mapping[str, Any], current: float, leeway: float) -> None:
+    """The time checks of `verify` (claims already known to be numbers)."""
+    if current >= raw["exp"] + leeway:
+        raise TokenError("expired")
+    if "nbf" in raw and current + leeway < raw["nbf"]:
+        raise TokenError("not_yet_valid")
+    if "iat" in raw and current + leeway < raw["iat"]:
+        raise TokenError("issued_in_future")
+
+
+class VerifyCache:
+    """Successful `verify` results, so a peer re-sending the same token skips the signature check.
+
+    An entry is keyed by the exact token string together with `audience`, `scope` and `leeway`,
+    and remembers the key object the signature was checked with. A hit is only accepted when,
+    *now*, `key_for_subject(sub)` returns that very same key object (a peers reload builds new key
+    objects, so any reload, a removed peer or a changed key sends the token through a full
+    `verify` again) and the time claims still pass against the current time. Everything else
+    `verify` checks (header, algorithm, signature, audience, scope, required claims) depends only
+    on the token string, the key and the arguments that make up the cache key. So a hit never
+    accepts a token that `verify` would refuse at that moment. Failures are never cached: every
+    refused token costs a full verification, and a token refused only for its time (not yet
+    valid) or an unknown peer (not yet reloaded) is re-judged on its next use.
+
+    Bounded: at most `max_entries` tokens; the least recently used one is dropped first.
+    """
+
+    def __init__(self, max_entries: int = 1024) -> None:
+        if max_entries <= 0:
+            raise ValueError("max_entries must be positive")
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple[str, str, str, float], tuple[Claims, PublicKey]] = (
+            OrderedDict()
+        )
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def verify(
+        self,
+        token: str,
+        *,
+        audience: str,
+        scope: str,
+        key_for_subject: Callable[[str], PublicKey | None],
+        now: float | None = None,
+        leeway: float = LEEWAY_SECONDS,
+    ) -> Claims:
+        """`tokens.verify` with the cache in front (same arguments, same result, same errors)."""
+        ck = (token, audience, scope, leeway)
+        entry = self._entries.get(ck)
+        if entry is not None:
+            claims, key = entry
+            if key_for_subject(claims.subject) is key:
+                current = time.time() if now is None else now
+                try:
+                    _check_times(claims.raw, current, leeway)
+                except TokenError:
+                    pass  # a full verify below gives the reason (and nothing is cached)
+                else:
+                    self._entries.move_to_end(ck)
+                    self.hits += 1
+                    return claims
+            del self._entries[ck]
+        self.misses += 1
+        used: list[PublicKey | None] = []
+
+        def lookup(subject: str) -> PublicKey | None:
+            key = key_for_subject(subject)
+            used.append(key)
+            return key
+
+        claims = verify(
+            token, audience=audience, scope=scope, key_for_subject=lookup, now=now, leeway=leeway
+        )
+        # Remember the exact key object the signature was checked with.
+        if len(used) == 1 and used[0] is not None:
+            self._entries[ck] = (claims, used[0])
+            if len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+        return claims
