@@ -286,9 +286,12 @@ class Controller:
 
     async def run(self) -> None:
         while True:
+            # Cleared on every turn, leader or not: a standby that left a trigger set used to
+            # spin here without ever sleeping (100% CPU, starving the exporter and election).
+            # Triggers seen while standing by are not lost: gaining the Lease forces a pass.
+            self._wake.clear()
             if self.can_write():
                 force, self._force = self._force, False
-                self._wake.clear()
                 try:
                     await self.reconcile(force=force)
                 except NotLeader:
