@@ -216,3 +216,29 @@ async def test_close_with_timeout_gives_up_when_the_disk_never_recovers():
         await writer.close(timeout=0.05)
     assert sink.data == b""
     assert any(e["event"].endswith("records not written") and e["records"] == 1 for e in logs)
+
+
+async def test_records_arriving_together_share_one_write():
+    sink = ScriptedFile()
+    writer = AuditWriter("unused.log", opener=lambda _p: sink, linger=0.5)
+    await writer.start()
+    for i in range(20):
+        await writer.write(record(i))
+        for _ in range(10):
+            await asyncio.sleep(0)  # the writer task runs in between
+    await writer.flush()
+    await writer.close()
+    assert [r["auditID"] for r in sink.lines()] == [f"id-{i:04d}" for i in range(20)]
+    # The writer lingers after the first record, so the later ones join its batch.
+    assert sink.calls == 1
+
+
+async def test_without_linger_every_record_is_still_written():
+    sink = ScriptedFile()
+    writer = AuditWriter("unused.log", opener=lambda _p: sink, linger=0)
+    await writer.start()
+    for i in range(20):
+        await writer.write(record(i))
+        await asyncio.sleep(0)
+    await writer.close()
+    assert [r["auditID"] for r in sink.lines()] == [f"id-{i:04d}" for i in range(20)]
