@@ -55,6 +55,7 @@ from apiproxy.federation.metadata import (
     fetch_json,
     parse_private,
     parse_public,
+    read_capped,
     ssl_context,
 )
 from apiproxy.log import get_logger, redact_text
@@ -430,7 +431,14 @@ class Controller:
         state = self.peers.setdefault(w.name, PeerState())
         if not force and time.monotonic() < state.next_fetch:
             return
-        ok = await self._fetch(w, report)
+        try:
+            ok = await self._fetch(w, report)
+        except Exception as exc:
+            # One peer's surprise must not abort the pass for every other peer (their rotation
+            # and status would stop): report it on this peer and keep its last good cache.
+            log.error("metadata exchange failed", peer=w.name, error=type(exc).__name__)
+            w.set(PUBLIC, False, "FetchFailed", f"unexpected error: {type(exc).__name__}")
+            ok = False
         if ok:
             state.failures = 0
             state.next_fetch = time.monotonic() + self.settings.resync_interval
@@ -799,6 +807,8 @@ class Controller:
             await self._event(w, new)
 
     async def _event(self, w: Work, cond: Obj) -> None:
+        if not self.can_write():  # events are writes too
+            return
         ok = cond["status"] == "True"
         now = rfc3339()
         body: Obj = {
@@ -877,7 +887,7 @@ async def probe_api(kubeconfig: Obj, *, timeout: float = 10.0) -> None:  # noqa:
                 url, headers=headers, ssl=ctx, timeout=aiohttp.ClientTimeout(total=timeout)
             ) as resp,
         ):
-            body = await resp.content.read(1 << 16)
+            body = await read_capped(resp, 1 << 16)
             if resp.status != 200:
                 raise ProbeError(f"GET {url} answered {resp.status}")
     except ProbeError:
@@ -888,7 +898,7 @@ async def probe_api(kubeconfig: Obj, *, timeout: float = 10.0) -> None:  # noqa:
         raise ProbeError(f"GET {url} failed: {type(exc).__name__}") from None
     try:
         doc = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ProbeError(f"GET {url}: not JSON") from None
     if not isinstance(doc, dict) or doc.get("kind") != "APIVersions":
         raise ProbeError(f"GET {url}: expected kind APIVersions")

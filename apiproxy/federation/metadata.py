@@ -248,6 +248,17 @@ def cert_fingerprint(pem: str) -> str:
     return ":".join(c.fingerprint(hashes.SHA256()).hex()[:16] for c in certs)
 
 
+async def read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body up to `limit` bytes. (`StreamReader.read(n)` returns whatever is buffered, so a
+    document arriving in several TLS records used to be cut after the first one.)"""
+    body = bytearray()
+    async for chunk in resp.content.iter_any():
+        body += chunk
+        if len(body) >= limit:
+            return bytes(body[:limit])
+    return bytes(body)
+
+
 async def fetch_json(
     session: aiohttp.ClientSession,
     url: str,
@@ -268,7 +279,7 @@ async def fetch_json(
             timeout=aiohttp.ClientTimeout(total=timeout),
             allow_redirects=False,
         ) as resp:
-            body = await resp.content.read(MAX_DOCUMENT_BYTES + 1)
+            body = await read_capped(resp, MAX_DOCUMENT_BYTES + 1)
             if resp.status != 200:
                 text = body[:120].decode(errors="replace").strip()
                 raise MetadataError("NonOKResponse", f"GET {url} answered {resp.status}: {text}")
@@ -284,5 +295,5 @@ async def fetch_json(
         raise MetadataError("InvalidJSON", f"GET {url}: document larger than 1 MiB")
     try:
         return json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # deep nesting ([[[[...) is a RecursionError
         raise MetadataError("InvalidJSON", f"GET {url}: body is not JSON") from None
