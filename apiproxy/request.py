@@ -216,6 +216,9 @@ def classify(method: str, target: str) -> RequestInfo:
             "The request target contains a fragment ('#'), which clients never send."
         )
     path, has_query, query = target.partition("?")
+    if has_query and not query:
+        # URL libraries drop a bare '?', so what is forwarded would differ from what was read.
+        raise RequestRejected("The request target ends with an empty query ('?').")
     segments = _check_path(path)
     params = _parse_query(query) if has_query else {}
     return _resolve(method, path, segments, params)

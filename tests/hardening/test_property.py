@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from apiproxy.request import RequestRejected, classify
@@ -149,7 +149,6 @@ def threaded(hworld: HWorld, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 def test_upstream_receives_exactly_what_the_policy_allows(
     threaded: _Threaded, method: str, target: str, who: str
 ) -> None:
-    assume(not target.endswith("?"))  # F1, kept as its own xfail test below
     stack = threaded.stack
     peer = {"a": "cluster-a", "b": "cluster-b"}[who]
     body = b"{}" if method in ("POST", "PUT", "PATCH") else b""
@@ -181,9 +180,6 @@ def test_upstream_receives_exactly_what_the_policy_allows(
             assert not decision.allowed
 
 
-@pytest.mark.xfail(
-    strict=True, reason="bypass of byte-exactness (F1): an empty query '?' is dropped"
-)
 def test_empty_query_is_forwarded_byte_exact_or_refused(threaded: _Threaded) -> None:
     stack = threaded.stack
     before = len(stack.up.requests)

@@ -183,7 +183,6 @@ def test_repeated_selector_reference_case_is_refused() -> None:
         ("/api/v1/pods?watch=FALSE", "list", "", ""),
         ("/api/v1/pods?watch=no", "watch", "", ""),
         ("/api/v1/pods?watch=true&watch=1", "watch", "", ""),
-        ("/api/v1/pods?", "list", "", ""),
     ],
 )  # fmt: skip
 def test_query_semantics(url: str, verb: str, name: str, fsel: str) -> None:
@@ -231,6 +230,8 @@ def test_to_dict_uses_kubernetes_spelling() -> None:
 
 
 REJECTED = [
+    # a bare '?' is dropped by URL libraries, so the forwarded target would differ
+    ("GET", "/api/v1/pods?", "empty query"),
     ("GET", "/api/v1/namespaces/a/../kube-system/secrets", "'..' segment"),
     ("GET", "/api/v1/./pods", "'.' segment"),
     ("GET", "/api/v1//pods", "empty segment"),
