@@ -202,6 +202,34 @@ def test_timestamps_are_rfc3339_utc_micro():
         ev.parse_time("2026-11-26T02:12:31")
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        0,
+        0.5,
+        1_764_123_151,
+        1_764_123_151.000001,
+        1_764_123_151.999999,
+        1_764_123_151.1234565,
+        4_102_444_799.999999,
+        datetime(2026, 11, 26, 2, 12, 31),  # naive: UTC, no microseconds
+        datetime(2026, 11, 26, 23, 59, 59, 999999, tzinfo=timezone(timedelta(hours=-11))),
+        datetime(2026, 1, 1, 0, 0, 0, 1, tzinfo=UTC),
+        "2026-11-26T02:12:31Z",
+        "2026-11-26T02:12:31.5+05:30",
+    ],
+)
+def test_format_time_is_the_strftime_spelling(value):
+    """isoformat replaced strftime on the hot path: the text must not change."""
+    if isinstance(value, str):
+        moment = ev.parse_time(value)
+    elif isinstance(value, datetime):
+        moment = value if value.tzinfo else value.replace(tzinfo=UTC)
+    else:
+        moment = datetime.fromtimestamp(value, UTC)
+    assert ev.format_time(value) == moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def test_unknown_stage_is_rejected(synth):
     with pytest.raises(ValueError, match="stage"):
         ev.make_event(
