@@ -64,6 +64,19 @@ class Peer:
         return False
 
 
+def same_credentials(a: Peer | None, b: Peer | None) -> bool:
+    """Whether two peer entries accept exactly the same certificates and tokens."""
+    if a is None or b is None:
+        return False
+
+    def creds(p: Peer) -> tuple[object, ...]:
+        anchors = tuple(c.fingerprint(hashes.SHA256()) for c in p.client_ca)
+        key = tokens.public_key_pem(p.jwt_key) if p.jwt_key is not None else None
+        return (p.name, p.cluster_uuid, anchors, key)
+
+    return creds(a) == creds(b)
+
+
 @dataclass(frozen=True, slots=True)
 class PeerSet:
     peers: tuple[Peer, ...]

@@ -15,7 +15,7 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -94,6 +94,8 @@ class _Req:
     identity: Identity | None = None
     info: Any = None
     annotations: dict[str, object] = field(default_factory=dict)
+    upgrade: bool = False
+    revoked: str = ""  # why an open stream was ended by a reload
 
 
 class ProxyServer:
@@ -126,9 +128,12 @@ class ProxyServer:
         self._metrics_runner: web.AppRunner | None = None
         self._inflight: dict[str, int] = {}
         self._watches: dict[str, int] = {}
-        self._watch_timeouts: set[asyncio.Timeout] = set()
+        # Open watches and upgraded streams, so shutdown and revocations can end them.
+        self._streams: dict[asyncio.Timeout, _Req] = {}
         self._probe_task: asyncio.Task[None] | None = None
         self.upstream_ok: bool | None = None
+        # Files whose last reload was refused: still serving the last good version.
+        self.stale: set[str] = set()
         self._changed: asyncio.Event | None = None
         self.stopping = False
         self.port = 0
@@ -205,7 +210,7 @@ class ProxyServer:
         self.stopping = True
         _log.info("stopping", open_watches=sum(self._watches.values()))
         loop = asyncio.get_running_loop()
-        for t in list(self._watch_timeouts):
+        for t in list(self._streams):
             t.reschedule(loop.time())
         if self._probe_task is not None:
             self._probe_task.cancel()
@@ -239,9 +244,45 @@ class ProxyServer:
         if tok is not None and tok.path is not None:
             self.watcher.add("upstream-token", [str(tok.path)], self._reload_token)
 
-    def _reload_policy(self) -> None:
+    @contextlib.asynccontextmanager
+    async def stream_deadline(self, r: _Req, seconds: float | None) -> AsyncIterator[None]:
+        """Bound a long-lived stream by `seconds`, shutdown and revocation; raises TimeoutError
+        when one of them ends it (`stream_end_reason` says which)."""
+        loop = asyncio.get_running_loop()
+        when = None if seconds is None else loop.time() + seconds
+        async with asyncio.timeout_at(when) as tmo:
+            self._streams[tmo] = r
+            if self.stopping:
+                tmo.reschedule(loop.time())
+            try:
+                yield
+            finally:
+                self._streams.pop(tmo, None)
 
+    def stream_end_reason(self, r: _Req) -> str:
+        if self.stopping:
+            return "shutdown"
+        return "revoked" if r.revoked else "deadline"
+
+    def _revoke(self, still_allowed: Callable[[_Req], bool], why: str) -> None:
+        """End open streams that the new peers or policy no longer allow: an open watch must
+        not outlive the permission that opened it."""
+        loop = asyncio.get_running_loop()
+        for tmo, r in list(self._streams.items()):
+            if not r.revoked and not still_allowed(r):
+                r.revoked = why
+                _log.warning("stream_revoked", audit_id=r.audit_id, why=why)
+                tmo.reschedule(loop.time())
+
+    def _policy_still_allows(self, r: _Req) -> bool:
+        if r.identity is None or r.info is None:
+            return False
+        decision = self.policy.decide(r.identity.peer.name, r.info)
+        return decision.allowed and (decision.dangerous or not r.upgrade)
+
+    def _reload_policy(self) -> None:
         self.policy = Policy.load(self.config.policy)
+        self._revoke(self._policy_still_allows, "the policy no longer allows it")
 
     def _reload_peers(self) -> None:
         new = peers_mod.load(self.config.peers, own_cluster_uuid=self.config.cluster_uuid)
@@ -250,6 +291,13 @@ class ProxyServer:
         self.token_cache.clear()
         for w in new.warnings:
             _log.warning("peers_warning", warning=w)
+        self._revoke(
+            lambda r: (
+                r.identity is not None
+                and peers_mod.same_credentials(new.by_name(r.identity.peer.name), r.identity.peer)
+            ),
+            "the peer was removed or its credentials changed",
+        )
 
     def _reload_tls(self) -> None:
         self.tls.rebuild()
@@ -265,6 +313,7 @@ class ProxyServer:
 
     def _reload_result(self, what: str, ok: bool, err: BaseException | None) -> None:
         self.metrics.reloads.labels(what, "success" if ok else "failure").inc()
+        (self.stale.discard if ok else self.stale.add)(what)
         if ok:
             self.metrics.last_reload.labels(what).set(time.time())
             _log.info("reloaded", what=what)
@@ -327,6 +376,12 @@ class ProxyServer:
         body = "".join(
             f"[{'+' if v else '-'}]{k} {'ok' if v else 'failed'}\n" for k, v in checks.items()
         )
+        # A refused reload does not make the proxy unready: a bad ConfigMap would otherwise take
+        # every replica out of the Service at once. It is reported here, in logs and in metrics.
+        body += "".join(
+            f"[!]{what}-reload failed: serving the last good version\n"
+            for what in sorted(self.stale)
+        )
         return web.Response(
             status=200 if ok else 503, text=body + ("ok\n" if ok else "not ready\n")
         )
@@ -370,7 +425,7 @@ class ProxyServer:
         r.annotations["apiproxy.io/rule"] = decision.rule
         if not decision.allowed:
             return await self._refuse(r, 403, self._forbidden_message(r), decision="forbid")
-        upgrading = is_upgrade(request.headers)
+        upgrading = r.upgrade = is_upgrade(request.headers)
         if upgrading and not decision.dangerous:
             r.annotations["authorization.k8s.io/decision"] = "forbid"
             r.annotations["authorization.k8s.io/reason"] = (
@@ -465,14 +520,17 @@ class ProxyServer:
         up: aiohttp.ClientResponse | None = None
         for attempt in (1, 2):
             try:
-                up = await self.pool.send(
-                    r.method,
-                    url,
-                    headers,
-                    body,
-                    read_timeout=None if is_watch else self.config.upstream_timeout_seconds,
-                    server_hostname=self.upstream.tls_server_name,
-                )
+                # Response headers must come within the timeout even for watches, whose body
+                # has no read timeout: a hung upstream must not hold a watch slot forever.
+                async with asyncio.timeout(self.config.upstream_timeout_seconds):
+                    up = await self.pool.send(
+                        r.method,
+                        url,
+                        headers,
+                        body,
+                        read_timeout=None if is_watch else self.config.upstream_timeout_seconds,
+                        server_hostname=self.upstream.tls_server_name,
+                    )
             except aiohttp.ClientConnectorError as exc:
                 self.metrics.upstream_errors.labels("connect").inc()
                 _log.warning("upstream_unreachable", audit_id=r.audit_id, error=type(exc).__name__)
@@ -540,20 +598,12 @@ class ProxyServer:
                 if streaming
                 else None
             )
-            loop = asyncio.get_running_loop()
-            when = None if deadline_in is None else loop.time() + deadline_in
             try:
-                async with asyncio.timeout_at(when) as tmo:
-                    self._watch_timeouts.add(tmo)
-                    if self.stopping:
-                        tmo.reschedule(loop.time())
-                    try:
-                        await copy_stream(up, resp.write, counter, result)
-                    finally:
-                        self._watch_timeouts.discard(tmo)
+                async with self.stream_deadline(r, deadline_in):
+                    await copy_stream(up, resp.write, counter, result)
                 ended = result.ended_by
             except TimeoutError:
-                ended = "shutdown" if self.stopping else "deadline"
+                ended = self.stream_end_reason(r)
             if ended == "client":
                 pass
             elif ended == "upstream_error" and not streaming:

@@ -440,7 +440,6 @@ async def _tunnel(
     resp.force_close()
     result = SpliceResult()
     started = time.monotonic()
-    loop = asyncio.get_running_loop()
     try:
         client = attach_client_stream(request)
         try:
@@ -451,16 +450,10 @@ async def _tunnel(
         server._observe_latency(r)
         await server._audit(r, "ResponseStarted", 101)
         try:
-            async with asyncio.timeout_at(loop.time() + server.config.max_watch_seconds) as tmo:
-                server._watch_timeouts.add(tmo)
-                if server.stopping:
-                    tmo.reschedule(loop.time())
-                try:
-                    await splice(client, resp, up, result)
-                finally:
-                    server._watch_timeouts.discard(tmo)
+            async with server.stream_deadline(r, server.config.max_watch_seconds):
+                await splice(client, resp, up, result)
         except TimeoutError:
-            result.ended_by = "shutdown" if server.stopping else "deadline"
+            result.ended_by = server.stream_end_reason(r)
         return resp
     except asyncio.CancelledError:
         result.ended_by = "client"

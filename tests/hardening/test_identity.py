@@ -96,7 +96,6 @@ async def _stream_after_revocation(reader: asyncio.StreamReader, stack: Stack) -
         return b"<stream still open 3 s after the revocation>"
 
 
-@pytest.mark.xfail(strict=True, reason="bypass (F2): a removed peer's open watch keeps streaming")
 async def test_removing_a_peer_ends_its_open_watches(stack: Stack, hworld: HWorld) -> None:
     reader, writer = await _open_watch(stack, "b")
     stack.files.peers.write_text(hworld.peers_yaml(with_b=False))
@@ -106,7 +105,6 @@ async def test_removing_a_peer_ends_its_open_watches(stack: Stack, hworld: HWorl
     assert b"revocation" not in rest, rest
 
 
-@pytest.mark.xfail(strict=True, reason="bypass (F3): a revoked rule's open watch keeps streaming")
 async def test_revoking_a_rule_ends_open_watches_it_allowed(stack: Stack) -> None:
     reader, writer = await _open_watch(stack, "a")
     stack.files.policy.write_text(POLICY.replace("pods, endpoints", "endpoints"))
