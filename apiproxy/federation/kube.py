@@ -116,19 +116,19 @@ class Kube:
         """GET /version (readable by every authenticated user): is the API answering?"""
         await self.request("GET", "/version", timeout=timeout)
 
-    async def get(self, path: str) -> Obj | None:
+    async def get(self, path: str, *, timeout: float = 30.0) -> Obj | None:  # noqa: ASYNC109
         try:
-            return await self.request("GET", path)
+            return await self.request("GET", path, timeout=timeout)
         except KubeError as exc:
             if exc.status == 404:
                 return None
             raise
 
-    async def create(self, collection: str, body: Obj) -> Obj:
-        return await self.request("POST", collection, body=body)
+    async def create(self, collection: str, body: Obj, *, timeout: float = 30.0) -> Obj:  # noqa: ASYNC109
+        return await self.request("POST", collection, body=body, timeout=timeout)
 
-    async def replace(self, path: str, body: Obj) -> Obj:
-        return await self.request("PUT", path, body=body)
+    async def replace(self, path: str, body: Obj, *, timeout: float = 30.0) -> Obj:  # noqa: ASYNC109
+        return await self.request("PUT", path, body=body, timeout=timeout)
 
     async def merge_patch(self, path: str, body: Obj) -> Obj:
         return await self.request(

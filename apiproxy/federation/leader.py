@@ -54,6 +54,9 @@ class LeaderElector:
         self.renew_deadline = renew_deadline
         self.retry_period = retry_period
         self.on_change = on_change
+        # Each Lease request gets at most the retry period (client-go bounds the renew by its
+        # deadline): a hung connection must not keep the loop from noticing it lost the Lease.
+        self._timeout = renew_deadline / 2
         self._observed: dict[str, Any] | None = None
         self._observed_at = 0.0
         self._valid_until = 0.0
@@ -102,7 +105,7 @@ class LeaderElector:
         now = micro_time()
         path = lease_path(self.namespace, self.name)
         try:
-            lease = await self.kube.get(path)
+            lease = await self.kube.get(path, timeout=self._timeout)
             self._last_seen = started
             if lease is None:
                 body = {
@@ -111,7 +114,9 @@ class LeaderElector:
                     "metadata": {"name": self.name, "namespace": self.namespace},
                     "spec": self._spec(acquire_time=now, transitions=0, now=now),
                 }
-                created = await self.kube.create(lease_path(self.namespace), body)
+                created = await self.kube.create(
+                    lease_path(self.namespace), body, timeout=self._timeout
+                )
                 self._observe(created.get("spec") or {}, started)
                 self._valid_until = started + self.renew_deadline
                 return True
@@ -130,7 +135,7 @@ class LeaderElector:
             )
             body = dict(lease)
             body["spec"] = new_spec
-            updated = await self.kube.replace(path, body)
+            updated = await self.kube.replace(path, body, timeout=self._timeout)
         except KubeError as exc:
             if exc.status != 409:
                 log.warning("lease update failed", error=str(exc))
@@ -150,6 +155,11 @@ class LeaderElector:
         """Acquire, then renew every `retry_period`; forever (cancel to stop)."""
         try:
             while True:
+                if self._leading and not self.can_write:
+                    # The write window lapsed since the last turn: that is a loss of
+                    # leadership even if the next renew succeeds (which is then a new gain,
+                    # with its forced pass and `changed` for waiters).
+                    self._set_leading(False)
                 try:
                     ok = await self.try_acquire_or_renew()
                 except Exception as exc:  # never let one odd failure end the election loop
@@ -183,7 +193,7 @@ class LeaderElector:
             return
         path = lease_path(self.namespace, self.name)
         try:
-            lease = await self.kube.get(path)
+            lease = await self.kube.get(path, timeout=self._timeout)
             if lease is None or (lease.get("spec") or {}).get("holderIdentity") != self.identity:
                 return
             spec = dict(lease.get("spec") or {})
@@ -192,6 +202,6 @@ class LeaderElector:
             spec["renewTime"] = micro_time()
             body = dict(lease)
             body["spec"] = spec
-            await self.kube.replace(path, body)
+            await self.kube.replace(path, body, timeout=self._timeout)
         except (TimeoutError, KubeError, OSError) as exc:
             log.warning("lease release failed", error=str(exc))

@@ -67,8 +67,8 @@ async def _replica(
     cluster: Cluster, name: str, tls: tuple[str, str]
 ) -> tuple[Federation, RecordingKube]:
     cfg = FederationConfig(
-        exporter_tls_cert=tls[0],
-        exporter_tls_key=tls[1],
+        exporter_tls_cert=tls[0] or None,
+        exporter_tls_key=tls[1] or None,
         cluster_domain="cluster.local",
         api_host="api.a.example:4443",
         exporter_listen="127.0.0.1:0",
@@ -197,3 +197,20 @@ async def test_leader_handover_inside_running_federations(clusters, exporter_tls
 async def _ready_as_standby(fed: Federation, holder: str) -> bool:
     status, body = await _readyz(fed)
     return status == 200 and f"standby (Lease held by {holder})" in body
+
+
+async def test_election_survives_dropped_connections(clusters):
+    """aiohttp's ServerDisconnectedError is no OSError; it used to escape the Lease update and
+    end the election loop for good (that replica never led again)."""
+    a = await clusters("a")
+    fed, _kube = await _replica(a, "one", ("", ""))
+    await fed.wait_leader(timeout=5)
+    rule = a.sim.faults.drop_connections(path="/apis/coordination.k8s.io")
+    await eventually(lambda: rule.fired >= 3 and not fed.can_write(), timeout=10)
+    assert fed._elector_task is not None
+    assert not fed._elector_task.done()
+    a.sim.faults.clear()
+    # Writing resumes as a new leadership gain (waiters woken, a pass forced).
+    await fed.wait_leader(timeout=5)
+    status, body = await _readyz(fed)
+    assert status == 200, body
