@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import signal
 import socket
 import time
@@ -18,14 +17,14 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from apiproxy import __version__, log, status, tokens, upstream
+from apiproxy import __version__, flags, log, status, tokens, upstream
 from apiproxy import peers as peers_mod
 from apiproxy import upgrade as upgrade_mod
 from apiproxy.audit import AuditWriter
@@ -452,8 +451,10 @@ class ProxyServer:
                 headers={"Retry-After": str(self.config.retry_after_seconds)},
             )
         counts[peer] = counts.get(peer, 0) + 1
-        gauge = self.metrics.open_watches if is_watch else self.metrics.inflight
-        gauge.labels(peer).inc()
+        gauge = self.metrics.child(
+            self.metrics.open_watches if is_watch else self.metrics.inflight, peer
+        )
+        gauge.inc()
         self._notify()
         try:
             if upgrading:
@@ -461,7 +462,7 @@ class ProxyServer:
             return await self._forward(request, r, is_watch)
         finally:
             counts[peer] -= 1
-            gauge.labels(peer).dec()
+            gauge.dec()
             self._notify()
 
     def _forbidden_message(self, r: _Req) -> str:
@@ -560,7 +561,9 @@ class ProxyServer:
                 continue
             break
         assert up is not None
-        self.metrics.upstream_latency.labels(r.info.verb).observe(time.monotonic() - t0)
+        self.metrics.child(self.metrics.upstream_latency, r.info.verb).observe(
+            time.monotonic() - t0
+        )
         try:
             return await self._stream(request, r, up, is_watch, deadline_in)
         finally:
@@ -576,13 +579,18 @@ class ProxyServer:
     ) -> web.StreamResponse:
         assert r.identity is not None
         peer = r.identity.peer.name
-        resp = web.StreamResponse(status=up.status, reason=up.reason)
-        for k, v in downstream_response_headers(up.headers).items():
-            resp.headers.add(k, v)
-        resp.headers["Audit-ID"] = r.audit_id
+        headers = downstream_response_headers(up.headers)
+        headers["Audit-ID"] = r.audit_id
         streaming = is_watch and up.status == 200
         if streaming:
-            resp.headers.popall("Content-Length", None)
+            headers.popall("Content-Length", None)
+        resp = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
+        if not is_watch and up.content_length is not None:
+            # A fixed-length body: send the headers together with its first bytes (or at the end
+            # for an empty body), one TLS record and one socket write for a small response instead
+            # of two, as aiohttp's own web.Response does. Open-ended (chunked) answers such as
+            # `logs?follow=true`, and watches, still get their headers at once.
+            resp._send_headers_immediately = False
         code = up.status
         result = CopyResult()
         ended = "upstream"
@@ -633,7 +641,7 @@ class ProxyServer:
                 self.metrics.watch_events.labels(peer).inc(events)
             else:
                 self._observe_latency(r)
-            self.metrics.bytes_sent.labels(peer).inc(sent)
+            self.metrics.child(self.metrics.bytes_sent, peer).inc(sent)
             self._count(r, code, "allow")
             await self._audit(r, "ResponseComplete", code)
 
@@ -651,11 +659,13 @@ class ProxyServer:
 
     def _count(self, r: _Req, code: int, decision: str) -> None:
         peer, verb, res = self._labels(r)
-        self.metrics.requests.labels(peer, verb, res, str(code), decision).inc()
+        self.metrics.child(self.metrics.requests, peer, verb, res, str(code), decision).inc()
 
     def _observe_latency(self, r: _Req) -> None:
         peer, verb, res = self._labels(r)
-        self.metrics.latency.labels(peer, verb, res).observe(time.monotonic() - r.started)
+        self.metrics.child(self.metrics.latency, peer, verb, res).observe(
+            time.monotonic() - r.started
+        )
 
     async def _refuse_authn(self, r: _Req, failure: AuthnFailure) -> web.StreamResponse:
         self.metrics.authn_failures.labels(failure.reason).inc()
@@ -757,20 +767,11 @@ def _timeout_seconds(target: str) -> float | None:
 # -- command line -------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UserError(message)
-
-
-def _env_name(flag: str) -> str:
-    return "APIPROXY_" + flag.lstrip("-").upper().replace("-", "_")
-
-
 def _add(p: argparse.ArgumentParser, flag: str, help_: str, **kw: Any) -> None:
-    env = _env_name(flag)
+    env = flags.env_name(flag)
     default = kw.pop("default", None)
-    value = os.environ.get(env)
-    if value is not None and value != "":
+    value = flags.from_env(flag)
+    if value is not None:
         default = value
     shown = f" (env {env}" + (
         f"; default {kw.pop('shown', default)})" if default is not None else ")"
@@ -780,7 +781,7 @@ def _add(p: argparse.ArgumentParser, flag: str, help_: str, **kw: Any) -> None:
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description="Run the api-proxy in front of kube-apiserver.")
+    p = flags.Parser(prog=prog, description="Run the api-proxy in front of kube-apiserver.")
     _add(p, "--listen", "HOST:PORT to serve HTTPS on", default="0.0.0.0:4443")
     _add(p, "--tls-cert", "serving certificate chain (PEM)")
     _add(p, "--tls-key", "serving private key (PEM)")
@@ -810,14 +811,6 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     return p
 
 
-def _hostport(value: str, flag: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise UserError(f"{flag}: {value!r} must be HOST:PORT")
-    return host, int(port)
-
-
 def _number(value: str, flag: str, kind: type[int] | type[float] = int, minimum: float = 1) -> Any:
     try:
         n = kind(value)
@@ -832,7 +825,7 @@ def config_from_args(ns: argparse.Namespace) -> ServeConfig:
     for flag in ("tls_cert", "tls_key", "peers", "cluster_uuid", "policy"):
         if not getattr(ns, flag):
             name = flag.replace("_", "-")
-            raise UserError(f"--{name} is required (or set {_env_name(name)})")
+            raise UserError(f"--{name} is required (or set {flags.env_name(name)})")
     try:
         if str(uuid.UUID(ns.cluster_uuid)) != ns.cluster_uuid.lower():
             raise ValueError
@@ -856,7 +849,7 @@ def config_from_args(ns: argparse.Namespace) -> ServeConfig:
         up = upstream.from_kubeconfig(ns.kubeconfig, ns.context)
     else:
         up = upstream.in_cluster()
-    host, port = _hostport(ns.listen, "--listen")
+    host, port = flags.host_port(ns.listen, "--listen")
     return ServeConfig(
         tls_cert=ns.tls_cert,
         tls_key=ns.tls_key,
@@ -869,7 +862,7 @@ def config_from_args(ns: argparse.Namespace) -> ServeConfig:
         audit_log=ns.audit_log or None,
         audit_max_bytes=_number(ns.audit_max_bytes, "--audit-max-bytes"),
         audit_backups=_number(ns.audit_backups, "--audit-backups", minimum=0),
-        metrics_listen=_hostport(ns.metrics_listen, "--metrics-listen")
+        metrics_listen=flags.host_port(ns.metrics_listen, "--metrics-listen")
         if ns.metrics_listen
         else None,
         max_watch_seconds=_number(ns.max_watch_seconds, "--max-watch-seconds", float),

@@ -6,14 +6,10 @@ import argparse
 import json
 import sys
 
+from apiproxy import flags
 from apiproxy.audit.review import Filter, parse_when, render_table, summarize
 from apiproxy.audit.suggest import render, suggest
 from apiproxy.errors import UserError
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(f"{message} (see --help)")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -39,7 +35,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
-    parser = _Parser(prog=prog, description=__doc__)
+    parser = flags.Parser(prog=prog, description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     s = sub.add_parser(
         "summarize",

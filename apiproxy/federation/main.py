@@ -33,6 +33,7 @@ from kubernetes_asyncio.client import ApiClient
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from apiproxy import flags
 from apiproxy import log as applog
 from apiproxy.errors import UserError
 from apiproxy.federation.controller import Controller, ControllerSettings, Metrics, PassReport
@@ -79,10 +80,7 @@ def parse_duration(text: str) -> float:
 
 
 def parse_listen(text: str, flag: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise UserError(f"{flag}: expected HOST:PORT, got {text!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - a listener address
+    return flags.host_port(text, flag, default_host="0.0.0.0")  # noqa: S104 - a listener
 
 
 def parse_gateway(text: str) -> Gateway:
@@ -480,10 +478,6 @@ class Federation:
 # ---------------------------------------------------------------------- CLI
 
 
-def _env(name: str) -> str | None:
-    return os.environ.get("APIPROXY_" + name.upper().replace("-", "_"))
-
-
 def _parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
@@ -493,7 +487,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     )
 
     def opt(flag: str, **kw: Any) -> None:
-        env = _env(flag)
+        env = flags.from_env(flag)
         if env is not None:
             if kw.get("action") == "append":
                 kw["default"] = [v.strip() for v in env.split(",") if v.strip()]
@@ -517,11 +511,10 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     opt("credential-ttl", default="24h", help="lifetime of peer credentials (rotated at 2/3)")
     opt("resync-interval", default="60s", help="how often peers are re-fetched")
     opt("metrics-listen", default=None, help="Prometheus metrics HOST:PORT")
-    env_le = _env("leader-elect")
     p.add_argument(
         "--leader-elect",
         action=argparse.BooleanOptionalAction,
-        default=(env_le or "true").lower() in ("1", "true", "yes"),
+        default=flags.env_bool("leader-elect", default=True),
         help="elect a leader through the apiproxy-federation Lease (default on)",
     )
     opt("identity", default=os.environ.get("POD_NAME") or socket.gethostname())

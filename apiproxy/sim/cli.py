@@ -11,15 +11,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from apiproxy import flags
 from apiproxy import log as logging_
 from apiproxy.errors import UserError
 
 
 def _listen(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    return flags.host_port(value, "--listen", default_host="127.0.0.1")
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
