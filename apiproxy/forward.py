@@ -182,6 +182,7 @@ class UpstreamPool:
         self._ssl = ssl_context
         self.limits = limits
         self._session: aiohttp.ClientSession | None = None
+        self._timeouts: dict[float | None, aiohttp.ClientTimeout] = {}
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
@@ -225,12 +226,14 @@ class UpstreamPool:
         read_timeout: float | None,
         server_hostname: str | None = None,
     ) -> aiohttp.ClientResponse:
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=self.limits.connect_timeout,
-            sock_connect=self.limits.connect_timeout,
-            sock_read=read_timeout,
-        )
+        timeout = self._timeouts.get(read_timeout)
+        if timeout is None:  # a handful of distinct values: build each ClientTimeout once
+            timeout = self._timeouts[read_timeout] = aiohttp.ClientTimeout(
+                total=None,
+                connect=self.limits.connect_timeout,
+                sock_connect=self.limits.connect_timeout,
+                sock_read=read_timeout,
+            )
         return await self.session.request(
             method,
             url,

@@ -16,7 +16,7 @@ import ipaddress
 import os
 import ssl
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -82,11 +82,15 @@ class UpstreamConfig:
     client_cert_pem: str | None = None
     client_key_pem: str | None = None
     source: str = "flags"
+    # (url, "scheme://host:port/prefix") computed once per `url` object, for `target`.
+    _base: tuple[URL, str] | None = field(default=None, repr=False, compare=False)
 
     def target(self, raw_target: str) -> URL:
         """The upstream URL for a raw request-target, byte for byte (no re-encoding)."""
-        prefix = self.url.raw_path.rstrip("/")
-        return URL(str(self.url.origin()) + prefix + raw_target, encoded=True)
+        base = self._base
+        if base is None or base[0] is not self.url:
+            base = self._base = (self.url, str(self.url.origin()) + self.url.raw_path.rstrip("/"))
+        return URL(base[1] + raw_target, encoded=True)
 
     def ssl_context(self) -> ssl.SSLContext | bool:
         if self.url.scheme == "http":
