@@ -176,23 +176,28 @@ class PoolLimits:
 
 
 class UpstreamPool:
-    """One ClientSession with a keep-alive pool for the life of the proxy."""
+    """Keep-alive pools to the upstream for the life of the proxy: one for requests, bounded by
+    `limits.total`, and one for watches (`send(..., watch=True)`), which is not: a watch holds its
+    connection for up to --max-watch-seconds, so sharing the bounded pool would let open watches
+    starve requests (and the pool's bound would silently cap watches). Watches are bounded by
+    --max-watches-per-peer instead."""
 
     def __init__(self, ssl_context: ssl.SSLContext | bool, limits: PoolLimits) -> None:
         self._ssl = ssl_context
         self.limits = limits
         self._session: aiohttp.ClientSession | None = None
+        self._watch_session: aiohttp.ClientSession | None = None
         self._timeouts: dict[float | None, aiohttp.ClientTimeout] = {}
 
-    async def start(self) -> None:
+    def _new_session(self, limit: int, limit_per_host: int) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(
             ssl=self._ssl,
-            limit=self.limits.total,
-            limit_per_host=self.limits.per_host,
+            limit=limit,
+            limit_per_host=limit_per_host,
             keepalive_timeout=self.limits.keepalive_timeout,
             enable_cleanup_closed=False,
         )
-        self._session = aiohttp.ClientSession(
+        return aiohttp.ClientSession(
             connector=connector,
             auto_decompress=False,
             skip_auto_headers=SKIP_AUTO_HEADERS,
@@ -200,6 +205,10 @@ class UpstreamPool:
             trust_env=False,
             timeout=aiohttp.ClientTimeout(total=None),
         )
+
+    async def start(self) -> None:
+        self._session = self._new_session(self.limits.total, self.limits.per_host)
+        self._watch_session = self._new_session(0, 0)  # bounded by the per-peer watch limit
 
     @property
     def ssl_context(self) -> ssl.SSLContext | bool:
@@ -212,9 +221,10 @@ class UpstreamPool:
         return self._session
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for s in (self._session, self._watch_session):
+            if s is not None:
+                await s.close()
+        self._session = self._watch_session = None
 
     async def send(
         self,
@@ -225,6 +235,7 @@ class UpstreamPool:
         *,
         read_timeout: float | None,
         server_hostname: str | None = None,
+        watch: bool = False,
     ) -> aiohttp.ClientResponse:
         timeout = self._timeouts.get(read_timeout)
         if timeout is None:  # a handful of distinct values: build each ClientTimeout once
@@ -234,7 +245,9 @@ class UpstreamPool:
                 sock_connect=self.limits.connect_timeout,
                 sock_read=read_timeout,
             )
-        return await self.session.request(
+        session = self._watch_session if watch else self._session
+        assert session is not None, "UpstreamPool.start() not called"
+        return await session.request(
             method,
             url,
             headers=headers,

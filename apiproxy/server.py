@@ -531,6 +531,7 @@ class ProxyServer:
                         body,
                         read_timeout=None if is_watch else self.config.upstream_timeout_seconds,
                         server_hostname=self.upstream.tls_server_name,
+                        watch=is_watch,
                     )
             except aiohttp.ClientConnectorError as exc:
                 self.metrics.upstream_errors.labels("connect").inc()
@@ -802,7 +803,12 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     _add(p, "--max-watches-per-peer", "concurrent watches per peer", default="100")
     _add(p, "--max-body-bytes", "largest request body accepted", default=str(3 * MiB))
     _add(p, "--upstream-timeout-seconds", "read timeout of non-watch requests", default="60")
-    _add(p, "--upstream-max-connections", "upstream connection pool size", default="1000")
+    _add(
+        p,
+        "--upstream-max-connections",
+        "upstream connections for non-watch requests (watches have their own connections)",
+        default="1000",
+    )
     _add(p, "--reload-interval-seconds", "how often watched files are checked", default="2")
     _add(p, "--shutdown-grace-seconds", "time for requests to finish on SIGTERM", default="25")
     _add(p, "--readiness-probe-interval-seconds", "upstream probe interval", default="10")

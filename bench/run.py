@@ -380,8 +380,6 @@ class Bench:
             f"--audit-log={self.work / 'audit.log'}",
             "--max-watches-per-peer=100000",
             "--max-requests-per-peer=10000",
-            # The upstream pool bounds open watches too (default 1000: the 1001st waits, then 504).
-            "--upstream-max-connections=20000",
             "--log-format=json",
         ]
         self.proxy = self.spawn("apiproxy", argv, HOP_CPUS)
