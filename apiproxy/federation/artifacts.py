@@ -30,6 +30,10 @@ MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY = "apiproxy-federation"
 OWNED_CA_ANNOTATION = "apiproxy.io/owned-ca-certificates"
 OWNED_NETWORKS_ANNOTATION = "apiproxy.io/owned-mesh-networks"
+# Which peer (IstioMulticluster name) each owned entry belongs to: lets a peer whose metadata is
+# unusable for a pass keep exactly its own entries ({"<name>": "<digest or network>"}).
+CA_OWNERS_ANNOTATION = "apiproxy.io/ca-certificate-owners"
+NETWORK_OWNERS_ANNOTATION = "apiproxy.io/mesh-network-owners"
 REMOTE_SECRET_PREFIX = "istio-remote-secret-"  # noqa: S105 - a name
 
 # Fields istiod's sanitizeKubeConfig refuses (they read files or run code).
@@ -245,6 +249,19 @@ class PeerEntry:
             doc["clientCA"] = self.client_ca
         return doc
 
+    @classmethod
+    def from_dict(cls, doc: Any) -> PeerEntry | None:
+        """An entry of an existing peers file (kept verbatim for a peer on hold)."""
+        if not isinstance(doc, dict):
+            return None
+        name, uuid, key = doc.get("name"), doc.get("clusterUUID"), doc.get("jwtPublicKey")
+        client_ca = doc.get("clientCA")
+        if not all(isinstance(v, str) and v for v in (name, uuid, key)):
+            return None
+        return cls(
+            str(name), str(uuid), str(key), client_ca if isinstance(client_ca, str) else None
+        )
+
 
 def render_peers(entries: Sequence[PeerEntry]) -> str:
     """The api-proxy's `--peers` file: `peers:` list sorted by name."""
@@ -275,11 +292,13 @@ def merge_ca_certificates(
     mesh: Mapping[str, Any],
     desired: Mapping[str, tuple[str, Sequence[str]]],
     previously_owned: set[str],
+    keep: frozenset[str] | set[str] = frozenset(),
 ) -> tuple[dict[str, Any], set[str]]:
     """Return (new mesh, owned digests). `desired` maps owner → (root PEM, trust domains).
 
     Entries whose digest we own are ours: dropped when no longer desired, rewritten in place
-    otherwise. An identical root someone else configured is left alone and not taken over.
+    otherwise. Owned entries whose digest is in `keep` (peers on hold) stay exactly as found.
+    An identical root someone else configured is left alone and not taken over.
     Everything else in `mesh` is kept as found, in order.
     """
     out = dict(mesh)
@@ -306,6 +325,9 @@ def merge_ca_certificates(
             want.pop(found)
         elif found in want and found not in owned:
             result.append(want.pop(found))  # ours, still wanted: rewrite in place
+            owned.add(found)
+        elif found in keep and found not in owned:
+            result.append(item)  # ours, its peer is on hold: untouched
             owned.add(found)
         # else: ours and no longer wanted (or a duplicate of ours): drop
     for digest in sorted(want):
@@ -336,17 +358,26 @@ def merge_mesh_networks(
     mesh_networks: Mapping[str, Any],
     desired: Sequence[NetworkSpec],
     previously_owned: set[str],
+    keep: frozenset[str] | set[str] = frozenset(),
 ) -> tuple[dict[str, Any], set[str]]:
-    """Return (new meshNetworks document, owned network names); foreign networks are kept."""
+    """Return (new meshNetworks document, owned network names); foreign networks are kept, and
+    so are owned networks named in `keep` (peers on hold), exactly as found. A desired network
+    never replaces one in `keep` or one desired earlier (the controller refuses such collisions
+    before; this is the last line of defence)."""
     out = dict(mesh_networks)
     networks_raw = out.get("networks")
     networks: dict[str, Any] = dict(networks_raw) if isinstance(networks_raw, dict) else {}
-    for name in previously_owned:
-        networks.pop(name, None)
     owned: set[str] = set()
+    for name in previously_owned:
+        if name in keep and name in networks:
+            owned.add(name)
+        else:
+            networks.pop(name, None)
     for spec in desired:
         if spec.network in networks and spec.network not in previously_owned:
             continue  # someone else's network of that name: do not take it over
+        if spec.network in owned:
+            continue  # held for a peer on hold, or already written for an earlier one
         networks[spec.network] = network_entry(spec)
         owned.add(spec.network)
     out["networks"] = networks

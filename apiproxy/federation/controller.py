@@ -67,6 +67,14 @@ PUBLIC = "PublicMetadataExchangeReady"
 PRIVATE = "PrivateMetadataExchangeReady"
 REMOTE_API = "RemoteAPIServerReady"
 CONDITION_TYPES = (PUBLIC, PRIVATE, REMOTE_API)
+# Refusals of a peer whose identity collides with ours or another peer's: istiod ignores a remote
+# secret whose cluster ID is the local one or already registered, one meshNetworks name holds one
+# network, and the api-proxy refuses a peers file with a duplicate clusterUUID.
+UUID_CONFLICT = "ClusterUUIDConflict"
+ID_CONFLICT = "ClusterIDConflict"
+NETWORK_CONFLICT = "NetworkNameConflict"
+CONFLICT_REASONS = frozenset({UUID_CONFLICT, ID_CONFLICT, NETWORK_CONFLICT})
+RECONCILE_FAILED = "ReconcileFailed"
 PEERS_SECRET = "apiproxy-peers"  # noqa: S105 - a name
 PEERS_KEY = "peers.yaml"
 MESH_CONFIGMAP = "istio"
@@ -135,6 +143,18 @@ class Metrics:
             ["kind"],
             registry=registry,
         )
+        self.refusals = Counter(
+            "apiproxy_federation_peer_refusals_total",
+            "Passes that refused a peer's new artifacts (identity conflicts), by peer and reason.",
+            ["peer", "reason"],
+            registry=registry,
+        )
+        self.gateway_errors = Counter(
+            "apiproxy_federation_gateway_discovery_errors_total",
+            "Failed east-west gateway lookups; outcome: served_last_good or unavailable (503).",
+            ["outcome"],
+            registry=registry,
+        )
         self.leader = Gauge(
             "apiproxy_federation_leader", "1 while this replica holds the Lease.", registry=registry
         )
@@ -158,6 +178,72 @@ class PassReport:
     conditions: dict[str, dict[str, Obj]] = field(default_factory=dict)
     writes: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    """What one peer's artifacts are built from this pass. `pub`/`priv` None means *hold*: the
+    artifacts derived from that document are kept exactly as they are (not rewritten, not
+    removed). Only deleting the IstioMulticluster removes a peer's artifacts."""
+
+    pub: PublicMetadata | None
+    priv: PrivateMetadata | None
+    refused: str = ""  # a *Conflict reason when the peer was refused
+
+
+@dataclass
+class Existing:
+    """Who holds which identity in the artifacts written so far (read once per pass)."""
+
+    secret_ids: dict[str, set[str]] = field(default_factory=dict)  # IMC name -> cluster IDs
+    foreign_ids: dict[str, str] = field(default_factory=dict)  # cluster ID -> foreign secret
+    peer_entries: dict[str, artifacts.PeerEntry] = field(default_factory=dict)
+    net_owners: dict[str, str] = field(default_factory=dict)  # IMC name -> network
+
+
+def _json_map(text: str | None) -> dict[str, str] | None:
+    """An owner annotation: {"<IMC name>": "<value>"}; None when absent or not such a map."""
+    if not text:
+        return None
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    return {str(k): v for k, v in doc.items() if isinstance(v, str)}
+
+
+def _json_list(text: str | None) -> set[str]:
+    try:
+        doc = json.loads(text or "[]")
+    except ValueError:
+        return set()
+    return {str(v) for v in doc} if isinstance(doc, list) else set()
+
+
+def mesh_owners(cm: Obj | None) -> tuple[dict[str, str] | None, dict[str, str]]:
+    """(CA digest by peer or None when never recorded, network by peer) of the istio ConfigMap.
+    Networks written before the owner annotation existed are attributed by their
+    `fromRegistry: <IMC name>` endpoint."""
+    if cm is None:
+        return None, {}
+    annotations = (cm.get("metadata") or {}).get("annotations") or {}
+    ca = _json_map(annotations.get(artifacts.CA_OWNERS_ANNOTATION))
+    nets = _json_map(annotations.get(artifacts.NETWORK_OWNERS_ANNOTATION))
+    if nets is None:
+        nets = {}
+        try:
+            doc = yaml.safe_load(((cm.get("data") or {}).get("meshNetworks")) or "") or {}
+        except yaml.YAMLError:
+            doc = {}
+        networks = doc.get("networks") if isinstance(doc, dict) else None
+        for name in sorted(_json_list(annotations.get(artifacts.OWNED_NETWORKS_ANNOTATION))):
+            entry = networks.get(name) if isinstance(networks, dict) else None
+            for ep in (entry.get("endpoints") if isinstance(entry, dict) else None) or []:
+                if isinstance(ep, dict) and isinstance(ep.get("fromRegistry"), str):
+                    nets.setdefault(ep["fromRegistry"], name)
+    return ca, nets
 
 
 @dataclass
@@ -192,6 +278,20 @@ class Work:
             return parse_private(doc, require_gateways=False) if doc else None
         except MetadataError:
             return None
+
+    def cache_invalid(self) -> bool:
+        """A cached document that no longer validates (edited status): refetch at once."""
+        cache = self.status.get("metadataCache") or {}
+        return bool(
+            (cache.get("public") and self.public() is None)
+            or (cache.get("private") and self.private() is None)
+        )
+
+    def old_condition(self, ctype: str) -> Obj | None:
+        for cond in (self.obj.get("status") or {}).get("conditions") or []:
+            if isinstance(cond, dict) and cond.get("type") == ctype:
+                return cond
+        return None
 
     def set(self, ctype: str, ok: bool, reason: str, message: str) -> None:
         self.conditions[ctype] = ("True" if ok else "False", reason, redact_text(message)[:1000])
@@ -367,46 +467,228 @@ class Controller:
         active = [w for w in works if not w.deleting]
         await asyncio.gather(*(self._exchange(w, force, report) for w in active))
 
-        # Known peers for the exporter: every active object with a public cache.
-        known: dict[str, tuple[str, str]] = {}
-        for w in active:
-            pub = w.public()
-            if pub is not None:
-                known[w.name] = (pub.cluster_uuid, pub.authn_key_pub)
-        self.registry.replace_all(known)
+        # What the artifacts hold now decides who keeps a contested identity. Without it no
+        # artifact is written this pass (fail closed); probes and status still run.
+        try:
+            existing: Existing | None = await self._existing()
+        except KubeError as exc:
+            existing = None
+            report.errors.append(f"reading the current artifacts: {exc}")
+            log.warning("current artifacts unreadable; nothing written", error=str(exc))
 
-        # 3-4: artifacts.
-        # One failing write (a 409 race, a webhook) must not stop the others; it is retried on
-        # the next pass. A deleted peer keeps its finalizer until every cleanup succeeded.
-        clean = True
-        for w in active:
+        if existing is not None:
+            plans = self._plan(active, existing, report)
+            # Known peers for the exporter: the public document each peer's artifacts use.
+            known: dict[str, tuple[str, str]] = {}
+            for w in active:
+                pub, entry = plans[w.name].pub, existing.peer_entries.get(w.name)
+                if pub is not None:
+                    known[w.name] = (pub.cluster_uuid, pub.authn_key_pub)
+                elif entry is not None:
+                    known[w.name] = (entry.cluster_uuid, entry.jwt_public_key)
+            self.registry.replace_all(known)
+
+            # 3-4: artifacts.
+            # One failing write (a 409 race, a webhook) or one peer's unexpected error must not
+            # stop the others; it is retried on the next pass. A deleted peer keeps its
+            # finalizer until every cleanup succeeded.
+            clean = True
+            for w in active:
+                clean &= await self._guard(
+                    report,
+                    f"remote secret of {w.name}",
+                    self._remote_secret(w, plans[w.name], report),
+                    peer=w,
+                )
             clean &= await self._guard(
-                report, f"remote secret of {w.name}", self._remote_secret(w, report)
+                report,
+                "remote secret sweep",
+                self._sweep_remote_secrets({w.name for w in active}, report),
             )
-        clean &= await self._guard(
-            report,
-            "remote secret sweep",
-            self._sweep_remote_secrets({w.name for w in active}, report),
-        )
-        clean &= await self._guard(report, "peers file", self._peers_secret(active, report))
-        clean &= await self._guard(report, "mesh config", self._mesh_config(active, report))
-        for w in works:
-            if w.deleting and clean:
-                await self._guard(report, f"finalizer of {w.name}", self._drop_finalizer(w, report))
+            clean &= await self._guard(
+                report, "peers file", self._peers_secret(active, plans, report)
+            )
+            clean &= await self._guard(
+                report, "mesh config", self._mesh_config(active, plans, report)
+            )
+            for w in works:
+                if w.deleting and clean:
+                    await self._guard(
+                        report, f"finalizer of {w.name}", self._drop_finalizer(w, report)
+                    )
 
         # 5: probes, 6: status.
         await asyncio.gather(*(self._probe(w) for w in active))
         for w in active:
-            await self._write_status(w, report)
+            await self._guard(report, f"status of {w.name}", self._write_status(w, report))
 
-    async def _guard(self, report: PassReport, what: str, coro: Any) -> bool:
+    async def _guard(
+        self, report: PassReport, what: str, coro: Any, *, peer: Work | None = None
+    ) -> bool:
         try:
             await coro
+        except NotLeader:
+            raise
         except KubeError as exc:
             report.errors.append(f"{what}: {exc}")
             log.warning("write failed; retried next pass", what=what, error=str(exc))
             return False
+        except Exception as exc:
+            # A surprise (a bug, a document nobody anticipated) costs this step this pass, never
+            # the other peers'. Only the error's type is reported: its text may hold data.
+            report.errors.append(f"{what}: unexpected {type(exc).__name__}")
+            log.error("unexpected error; retried next pass", what=what, error=type(exc).__name__)
+            if peer is not None:
+                self._failed(peer, what, exc)
+            return False
         return True
+
+    def _failed(self, w: Work, what: str, exc: BaseException) -> None:
+        w.set(
+            PRIVATE,
+            False,
+            RECONCILE_FAILED,
+            f"{what}: unexpected {type(exc).__name__}; the existing artifacts are kept, "
+            "retried next pass",
+        )
+
+    async def _existing(self) -> Existing:
+        ex = Existing()
+        ns = self.settings.istio_namespace
+        listing = await self.kube.list(
+            secret_path(ns), label_selector=f"{artifacts.MULTICLUSTER_LABEL}=true"
+        )
+        for item in listing.get("items") or []:
+            meta = item.get("metadata") or {}
+            labels = meta.get("labels") or {}
+            ids = {str(k) for k in (item.get("data") or {})}
+            owner = labels.get(artifacts.OWNER_LABEL)
+            if labels.get(artifacts.MANAGED_BY_LABEL) == artifacts.MANAGED_BY and owner:
+                ex.secret_ids.setdefault(str(owner), set()).update(ids)
+            else:
+                for cid in ids:
+                    ex.foreign_ids.setdefault(cid, str(meta.get("name")))
+        peers = await self.kube.get(secret_path(self.settings.namespace, PEERS_SECRET))
+        text = _b64d(((peers or {}).get("data") or {}).get(PEERS_KEY))
+        try:
+            doc = yaml.safe_load(text) if text else None
+        except yaml.YAMLError:
+            doc = None
+        for item in (doc.get("peers") if isinstance(doc, dict) else None) or []:
+            entry = artifacts.PeerEntry.from_dict(item)
+            if entry is not None:
+                ex.peer_entries.setdefault(entry.name, entry)
+        _ca, ex.net_owners = mesh_owners(await self.kube.get(configmap_path(ns, MESH_CONFIGMAP)))
+        return ex
+
+    # ------------------------------------------------------------------ plan
+
+    def _plan(self, active: list[Work], ex: Existing, report: PassReport) -> dict[str, Plan]:
+        """Each peer's documents for this pass, after refusing identity collisions.
+
+        A cached document that does not validate is treated as absent: its artifacts are held.
+        A cluster UUID, cluster ID or (for peers with ingress gateways) network name claimed by
+        two peers goes to the peer whose artifacts already hold it, else to the oldest object
+        (creationTimestamp, then name); one that is this cluster's own, or (cluster ID) that a
+        remote secret not managed by us registers, goes to nobody. Every other claimant is
+        refused: its existing artifacts are held, none are written for it.
+        """
+        plans: dict[str, Plan] = {}
+        for w in active:
+            pub = w.public()
+            plans[w.name] = Plan(pub, w.private() if pub is not None else None)
+        claims: dict[tuple[str, str], set[str]] = {}
+
+        def claim(kind: str, value: str | None, name: str) -> None:
+            if value:
+                claims.setdefault((kind, value), set()).add(name)
+
+        for w in active:
+            p, entry = plans[w.name], ex.peer_entries.get(w.name)
+            gateways = bool(w.spec.get("enableIngressGateway", True))
+            # A peer on hold still claims what its artifacts hold, so nobody takes it over.
+            held_uuid = entry.cluster_uuid if entry is not None else None
+            claim(UUID_CONFLICT, p.pub.cluster_uuid if p.pub else held_uuid, w.name)
+            if p.pub is not None and p.priv is not None:
+                claim(ID_CONFLICT, self._peer_cluster_id(p.pub, p.priv), w.name)
+                if gateways:
+                    claim(NETWORK_CONFLICT, p.priv.network_name, w.name)
+            else:
+                for cid in ex.secret_ids.get(w.name, ()):
+                    claim(ID_CONFLICT, cid, w.name)
+                if gateways:
+                    claim(NETWORK_CONFLICT, ex.net_owners.get(w.name), w.name)
+
+        def holds(kind: str, value: str, name: str) -> bool:
+            if kind == UUID_CONFLICT:
+                entry = ex.peer_entries.get(name)
+                return entry is not None and entry.cluster_uuid == value
+            if kind == ID_CONFLICT:
+                return value in ex.secret_ids.get(name, set())
+            return ex.net_owners.get(name) == value
+
+        assert self.identity is not None
+        local = {
+            UUID_CONFLICT: self.identity.cluster_uuid,
+            ID_CONFLICT: self.identity.cluster_id,
+            NETWORK_CONFLICT: self.identity.network,
+        }
+        by_name = {w.name: w for w in active}
+
+        def age(name: str) -> tuple[str, str]:
+            return str(by_name[name].obj["metadata"].get("creationTimestamp") or ""), name
+
+        for (kind, value), names in sorted(claims.items()):
+            ordered = sorted(names, key=age)
+            if value == local[kind]:
+                losers, other = ordered, "this cluster's own"
+            elif kind == ID_CONFLICT and value in ex.foreign_ids:
+                losers = ordered
+                other = f"registered by secret {ex.foreign_ids[value]} (not managed by apiproxy)"
+            elif len(ordered) > 1:
+                winner = next((n for n in ordered if holds(kind, value, n)), ordered[0])
+                losers = [n for n in ordered if n != winner]
+                other = f'already used by IstioMulticluster "{winner}"'
+            else:
+                continue
+            for name in losers:
+                self._refuse(by_name[name], plans[name], kind, value, other, report)
+
+        # A refusal or failed build left a condition behind: it recovers as soon as the peer's
+        # cached documents are usable again, without waiting for the next fetch.
+        for w in active:
+            p = plans[w.name]
+            for ctype, usable in ((PUBLIC, p.pub), (PRIVATE, p.priv)):
+                old = w.old_condition(ctype) or {}
+                if (
+                    usable is not None
+                    and ctype not in w.conditions
+                    and old.get("reason") in CONFLICT_REASONS | {RECONCILE_FAILED}
+                ):
+                    w.set(ctype, True, "Fetched", "cached metadata valid; the conflict is resolved")
+        return plans
+
+    def _refuse(
+        self, w: Work, plan: Plan, kind: str, value: str, other: str, report: PassReport
+    ) -> None:
+        if plan.refused:
+            return  # one reason per pass is enough
+        plan.pub, plan.priv, plan.refused = None, None, kind
+        what = {
+            UUID_CONFLICT: "cluster UUID",
+            ID_CONFLICT: "cluster ID",
+            NETWORK_CONFLICT: "network name",
+        }[kind]
+        message = (
+            f"{what} {value} is {other}; refused: this peer's existing artifacts are kept "
+            "and no new ones are written until the conflict is resolved"
+        )
+        if kind == UUID_CONFLICT:
+            w.set(PUBLIC, False, kind, message)
+        w.set(PRIVATE, False, kind, message)
+        self.metrics.refusals.labels(w.name, kind).inc()
+        report.errors.append(f"{w.name}: {kind}: {what} {value} is {other}")
+        log.warning("peer refused", peer=w.name, reason=kind, value=value, other=other)
 
     # ------------------------------------------------------------------ exchange
 
@@ -429,7 +711,12 @@ class Controller:
                 return
             w.obj["metadata"] = updated.get("metadata", w.obj["metadata"])
         state = self.peers.setdefault(w.name, PeerState())
-        if not force and time.monotonic() < state.next_fetch:
+        invalid = w.cache_invalid()
+        if invalid:
+            # Someone edited the cache: it is ignored (nothing new is derived from it, nothing
+            # is removed because of it) and the next good fetch repairs it; that is now.
+            log.warning("cached metadata does not validate; refetching", peer=w.name)
+        if not force and not invalid and time.monotonic() < state.next_fetch:
             return
         try:
             ok = await self._fetch(w, report)
@@ -501,7 +788,7 @@ class Controller:
                 cache["publicLastFetchTimestamp"] = rfc3339()
                 w.status["pinnedClusterUUID"] = pub.cluster_uuid
                 w.set(PUBLIC, True, "Fetched", "public metadata fetched and valid")
-                self.registry.set(w.name, pub.cluster_uuid, pub.authn_key_pub)
+                # The exporter learns the peer after the pass checked it for conflicts.
         cached = w.public()
         if mismatch:
             w.set(PRIVATE, False, "ClusterUUIDMismatch", "exchange stopped: peer identity changed")
@@ -551,10 +838,10 @@ class Controller:
         # Recent peers publish clusterID; older ones share our cluster domain (same mesh).
         return priv.cluster_id or cluster_id(self.settings.cluster_domain, pub.cluster_uuid)
 
-    async def _remote_secret(self, w: Work, report: PassReport) -> None:
-        pub, priv = w.public(), w.private()
+    async def _remote_secret(self, w: Work, plan: Plan, report: PassReport) -> None:
+        pub, priv = plan.pub, plan.priv
         if pub is None or priv is None:
-            return
+            return  # on hold: whatever secret exists stays as it is
         peer_id = self._peer_cluster_id(pub, priv)
         ns = self.settings.istio_namespace
         name = artifacts.REMOTE_SECRET_PREFIX + w.name
@@ -637,17 +924,30 @@ class Controller:
             report.writes.append(f"delete secret/{ns}/{item['metadata']['name']}")
             log.info("remote secret removed", peer=owner)
 
-    async def _peers_secret(self, active: list[Work], report: PassReport) -> None:
+    async def _peers_secret(
+        self, active: list[Work], plans: dict[str, Plan], report: PassReport
+    ) -> None:
+        ns = self.settings.namespace
+        existing = await self.kube.get(secret_path(ns, PEERS_SECRET))
+        held: dict[str, artifacts.PeerEntry] = {}
+        try:
+            doc = yaml.safe_load(_b64d(((existing or {}).get("data") or {}).get(PEERS_KEY)) or "")
+        except yaml.YAMLError:
+            doc = None
+        for item in (doc.get("peers") if isinstance(doc, dict) else None) or []:
+            entry = artifacts.PeerEntry.from_dict(item)
+            if entry is not None:
+                held.setdefault(entry.name, entry)
         entries = []
         for w in active:
-            pub = w.public()
+            pub = plans[w.name].pub
             if pub is not None:
                 entries.append(
                     artifacts.PeerEntry(w.name, pub.cluster_uuid, pub.authn_key_pub, pub.client_ca)
                 )
+            elif w.name in held:
+                entries.append(held[w.name])  # on hold: its entry stays as it is
         text = artifacts.render_peers(entries)
-        ns = self.settings.namespace
-        existing = await self.kube.get(secret_path(ns, PEERS_SECRET))
         if existing is not None and _b64d((existing.get("data") or {}).get(PEERS_KEY)) == text:
             return
         self._check_writer()
@@ -673,7 +973,9 @@ class Controller:
         report.writes.append(f"secret/{ns}/{PEERS_SECRET}")
         log.info("peers file written", peers=[e.name for e in entries])
 
-    async def _mesh_config(self, active: list[Work], report: PassReport) -> None:
+    async def _mesh_config(
+        self, active: list[Work], plans: dict[str, Plan], report: PassReport
+    ) -> None:
         ns = self.settings.istio_namespace
         cm = await self.kube.get(configmap_path(ns, MESH_CONFIGMAP))
         if cm is None:
@@ -691,16 +993,39 @@ class Controller:
         if not isinstance(mesh, dict) or not isinstance(networks_doc, dict):
             report.errors.append(f"configmap {ns}/{MESH_CONFIGMAP}: mesh is not a mapping")
             return
-        owned_ca = set(json.loads(annotations.get(artifacts.OWNED_CA_ANNOTATION) or "[]"))
-        owned_nets = set(json.loads(annotations.get(artifacts.OWNED_NETWORKS_ANNOTATION) or "[]"))
+        owned_ca = _json_list(annotations.get(artifacts.OWNED_CA_ANNOTATION))
+        owned_nets = _json_list(annotations.get(artifacts.OWNED_NETWORKS_ANNOTATION))
+        old_ca_owners, old_net_owners = mesh_owners(cm)
         ca_desired: dict[str, tuple[str, list[str]]] = {}
         net_desired: list[artifacts.NetworkSpec] = []
+        ca_owners: dict[str, str] = {}
+        net_owners: dict[str, str] = {}
+        keep_ca: set[str] = set()
+        keep_nets: set[str] = set()
+        unattributed_hold = False
         for w in active:
-            pub, priv = w.public(), w.private()
-            if pub is None:
-                continue
-            ca_desired[w.name] = (pub.root_ca, [self.settings.cluster_domain])
-            if priv is not None and w.spec.get("enableIngressGateway", True):
+            pub, priv = plans[w.name].pub, plans[w.name].priv
+            digest: str | None = None
+            if pub is not None:
+                try:
+                    digest = artifacts.pem_digest(pub.root_ca)
+                except Exception as exc:  # this peer's entry is held, the others go on
+                    self._failed(w, "mesh trust", exc)
+                    report.errors.append(f"mesh trust of {w.name}: {type(exc).__name__}")
+            if pub is not None and digest is not None:
+                ca_desired[w.name] = (pub.root_ca, [self.settings.cluster_domain])
+                ca_owners[w.name] = digest
+            elif old_ca_owners is None:
+                # Written before owners were recorded: which root is this peer's is unknown, so
+                # every root we own stays until the peer is usable again.
+                keep_ca |= owned_ca
+                unattributed_hold = True
+            elif w.name in old_ca_owners:
+                keep_ca.add(old_ca_owners[w.name])
+                ca_owners[w.name] = old_ca_owners[w.name]
+            if not w.spec.get("enableIngressGateway", True):
+                continue  # the spec says no network: removed, whatever the documents
+            if pub is not None and priv is not None:
                 net_desired.append(
                     artifacts.NetworkSpec(
                         network=priv.network_name,
@@ -708,10 +1033,23 @@ class Controller:
                         gateways=priv.ingress_gateways,
                     )
                 )
-        new_mesh, new_owned_ca = artifacts.merge_ca_certificates(mesh, ca_desired, owned_ca)
-        new_nets, new_owned_nets = artifacts.merge_mesh_networks(
-            networks_doc, net_desired, owned_nets
+                net_owners.setdefault(w.name, priv.network_name)
+            elif w.name in old_net_owners:
+                keep_nets.add(old_net_owners[w.name])
+                net_owners[w.name] = old_net_owners[w.name]
+        new_mesh, new_owned_ca = artifacts.merge_ca_certificates(
+            mesh, ca_desired, owned_ca, keep_ca
         )
+        new_nets, new_owned_nets = artifacts.merge_mesh_networks(
+            networks_doc, net_desired, owned_nets, keep_nets
+        )
+        ca_owners = {n: d for n, d in ca_owners.items() if d in new_owned_ca}
+        claimed: set[str] = set()
+        for n in sorted(net_owners, key=lambda n: (net_owners[n] not in keep_nets, n)):
+            if net_owners[n] in new_owned_nets and net_owners[n] not in claimed:
+                claimed.add(net_owners[n])
+            else:
+                net_owners.pop(n)
         new_data = dict(data)
         if new_mesh != mesh:
             new_data["mesh"] = artifacts.dump_yaml(new_mesh)
@@ -724,6 +1062,14 @@ class Controller:
             new_ann.pop(artifacts.OWNED_CA_ANNOTATION)
         if not new_owned_nets and artifacts.OWNED_NETWORKS_ANNOTATION not in annotations:
             new_ann.pop(artifacts.OWNED_NETWORKS_ANNOTATION)
+        for key, owners in (
+            (artifacts.CA_OWNERS_ANNOTATION, ca_owners),
+            (artifacts.NETWORK_OWNERS_ANNOTATION, net_owners),
+        ):
+            if key == artifacts.CA_OWNERS_ANNOTATION and unattributed_hold:
+                continue  # stays unrecorded until every held root can be attributed
+            if owners or key in annotations:
+                new_ann[key] = json.dumps(owners, sort_keys=True)
         if new_data == data and new_ann == annotations:
             return
         self._check_writer()
@@ -765,9 +1111,10 @@ class Controller:
         state = self.peers.setdefault(w.name, PeerState())
         try:
             await probe_api(w.kubeconfig, timeout=self.settings.probe_timeout)
-        except ProbeError as exc:
+        except Exception as exc:  # one peer's surprise must not abort the others' status
+            message = exc.message if isinstance(exc, ProbeError) else type(exc).__name__
             self.metrics.api_check_errors.labels(w.name).inc()
-            w.set(REMOTE_API, False, "RemoteAPIUnreachable", exc.message)
+            w.set(REMOTE_API, False, "RemoteAPIUnreachable", message)
             state.probe_failures += 1
             state.next_probe = time.monotonic() + self._backoff(state.probe_failures)
             return
@@ -801,12 +1148,16 @@ class Controller:
         old_by_type = {c.get("type"): c for c in old_conditions}
         for ctype in CONDITION_TYPES:
             new = by_type.get(ctype)
-            old = old_by_type.get(ctype)
-            if new is None or (old is not None and old.get("status") == new["status"]):
+            old = old_by_type.get(ctype) or {}
+            if new is None:
                 continue
-            await self._event(w, new)
+            if new["reason"] in CONFLICT_REASONS and old.get("reason") != new["reason"]:
+                # A refusal is news even when the condition was already False for another reason.
+                await self._event(w, new, reason=str(new["reason"]))
+            elif old.get("status") != new["status"]:
+                await self._event(w, new)
 
-    async def _event(self, w: Work, cond: Obj) -> None:
+    async def _event(self, w: Work, cond: Obj, *, reason: str | None = None) -> None:
         if not self.can_write():  # events are writes too
             return
         ok = cond["status"] == "True"
@@ -823,7 +1174,7 @@ class Controller:
                 "resourceVersion": w.obj["metadata"].get("resourceVersion", ""),
             },
             "type": "Normal" if ok else "Warning",
-            "reason": f"{cond['type']}{'True' if ok else 'False'}",
+            "reason": reason or f"{cond['type']}{'True' if ok else 'False'}",
             "message": f"{cond['reason']}: {cond['message']}"[:1024],
             "source": {"component": EVENT_SOURCE},
             "reportingComponent": EVENT_SOURCE,

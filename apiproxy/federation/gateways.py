@@ -9,10 +9,14 @@ node port. The port used is the one named `tls` (else 15443).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
-from apiproxy.federation.kube import Kube
+from apiproxy.federation.kube import Kube, KubeError
 from apiproxy.federation.metadata import Gateway, valid_address
+from apiproxy.log import get_logger
+
+log = get_logger("apiproxy.federation.gateways")
 
 TLS_PORT = 15443
 
@@ -60,23 +64,45 @@ class GatewaySource:
         service: tuple[str, str] | None,
         static: tuple[Gateway, ...] = (),
         ttl: float = 10.0,
+        on_error: Callable[[str], None] | None = None,
     ) -> None:
         self.kube = kube
         self.service = service
         self.static = static
         self.ttl = ttl
-        self._cache: tuple[Gateway, ...] = ()
+        self.on_error = on_error  # called with "served_last_good" or "unavailable"
+        self._cache: tuple[Gateway, ...] | None = None  # the last good list
         self._at = -1e9
 
     async def get(self) -> tuple[Gateway, ...]:
+        """The gateways; while the lookup fails (kube API error) the last good list, for the
+        TTL before the next try. Raises KubeError only if there never was a good list."""
         if self.static:
             return self.static
         now = time.monotonic()
-        if now - self._at < self.ttl:
+        if self._cache is not None and now - self._at < self.ttl:
             return self._cache
-        self._cache = await self._discover()
-        self._at = now
-        return self._cache
+        try:
+            found = await self._discover()
+        except KubeError as exc:
+            if self._cache is None:
+                self._report("unavailable")
+                raise
+            # A kube-apiserver hiccup is not "no gateways": peers would drop our network.
+            self._at = now
+            self._report("served_last_good")
+            log.warning(
+                "gateway discovery failed; serving the last good list",
+                error=str(exc),
+                gateways=len(self._cache),
+            )
+            return self._cache
+        self._cache, self._at = found, now
+        return found
+
+    def _report(self, outcome: str) -> None:
+        if self.on_error is not None:
+            self.on_error(outcome)
 
     async def _discover(self) -> tuple[Gateway, ...]:
         if self.service is None:

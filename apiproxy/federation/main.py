@@ -190,7 +190,11 @@ class Federation:
             ns, _, name = (
                 cfg.ingress_gateway_service or f"{cfg.istio_namespace}/{DEFAULT_GATEWAY_SERVICE}"
             ).partition("/")
-            gateways = GatewaySource(self.kube, service=(ns, name))
+            gateways = GatewaySource(
+                self.kube,
+                service=(ns, name),
+                on_error=lambda outcome: self.metrics.gateway_errors.labels(outcome).inc(),
+            )
         self.exporter = Exporter(
             identity=self.identity,
             roots=roots,

@@ -109,6 +109,9 @@ async def test_private_document_requires_a_known_peers_token(exporter, test_ca):
     assert await _private(fed, test_ca, None) == (401, "Authentication error: missing bearer token")
     # Unknown subject: nobody fetched this peer's public metadata.
     assert await _private(fed, test_ca, mint()) == (401, "Authentication error: unknown_subject")
+    # The controller's first pass rebuilds the registry from the (no) objects: let it finish
+    # before registering the peer by hand, or it races the registration away.
+    await fed.controller.wait_for_pass(0)
     fed.registry.set("peer", peer_uuid, tokens.public_key_pem(peer_key))
     assert await _private(fed, test_ca, mint(scope="api")) == (
         401,

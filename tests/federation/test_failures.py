@@ -17,6 +17,7 @@ from apiproxy import pki
 from apiproxy.federation.controller import PRIVATE, PUBLIC
 
 PUBLIC_PATH = "/metadata/public/public.json"
+PRIVATE_PATH = "/metadata/private/multicluster.json"
 
 
 class FakePeer:
@@ -28,6 +29,8 @@ class FakePeer:
         self.server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.server_ssl.load_cert_chain(*tls)
         self.mode = "good"
+        # Fields replaced in the private document (crafted identities for conflict tests).
+        self.private_overrides: dict[str, Any] = {}
         self.release = asyncio.Event()
         self.hits: dict[str, int] = {}
         self.runner: web.AppRunner | None = None
@@ -70,6 +73,8 @@ class FakePeer:
         if self.mode == "nested-json":
             return web.Response(text="[" * 200_000, content_type="application/json")
         status, body = await self._upstream(request)
+        if status == 200 and request.path == PRIVATE_PATH and self.private_overrides:
+            return web.json_response({**json.loads(body), **self.private_overrides})
         if status != 200 or request.path != PUBLIC_PATH:
             return web.Response(status=status, body=body, content_type="application/json")
         doc: dict[str, Any] = json.loads(body)
@@ -91,6 +96,13 @@ class FakePeer:
 
 
 async def _setup(clusters, exporter_tls, test_ca):
+    a, _b, _c, fa, _fb, _fc, fake = await setup_three(clusters, exporter_tls, test_ca)
+    return a, fa, fake
+
+
+async def setup_three(clusters, exporter_tls, test_ca):
+    """A federates with B (behind a FakePeer, IstioMulticluster "b", created first) and C
+    ("c"); both federate back. Returns (a, b, c, fa, fb, fc, fake) after convergence."""
     a, b, c = await clusters("a"), await clusters("bb"), await clusters("ccc")
     tls = {"exporter_tls_cert": exporter_tls[0], "exporter_tls_key": exporter_tls[1]}
     fa = await a.federation(**tls, fetch_timeout=0.5)
@@ -108,7 +120,7 @@ async def _setup(clusters, exporter_tls, test_ca):
     await fa.reconcile()
     for peer in ("b", "c"):
         assert a.condition(peer, PRIVATE)["status"] == "True", a.condition(peer, PRIVATE)
-    return a, fa, fake
+    return a, b, c, fa, fb, fc, fake
 
 
 def _artifacts(a) -> tuple[Any, ...]:
