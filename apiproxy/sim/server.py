@@ -173,7 +173,12 @@ class SimAPIServer:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         app.on_response_prepare.append(self._add_headers)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # handler_cancellation: a watch handler whose client has gone is cancelled at once;
+        # otherwise it would only notice on its next write, and a quiet watch would pile up
+        # (with its store watcher) for as long as its timeout.
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, handler_cancellation=True
+        )
         await self._runner.setup()
         site = web.TCPSite(
             self._runner, self.host, self.port, ssl_context=self._ssl_context(), backlog=1024
