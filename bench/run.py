@@ -563,13 +563,12 @@ class Bench:
 
     # -- 3. idle watches --------------------------------------------------------------------
 
-    def poke_until(self, target: int, timeout: float = 30) -> None:
-        """End the simulator's handlers of watches whose clients are gone (see bench.upstream)."""
+    def wait_upstream_watchers(self, target: int, timeout: float = 30) -> None:
+        """Wait until the watches of a finished run have ended upstream (the simulator cancels a
+        watch handler as soon as its client, the hop, closes the connection)."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.upstream.send("poke")
-            if self.upstream.json_line(timeout=30)["watchers"] <= target:
-                return
+        while self.upstream_watchers() > target and time.monotonic() < deadline:
+            time.sleep(0.2)
 
     def upstream_watchers(self) -> int:
         self.upstream.send("watchers")
@@ -593,7 +592,7 @@ class Bench:
         child.send("stop")
         child.json_line(timeout=120)
         child.wait(60)
-        self.poke_until(up_before)
+        self.wait_upstream_watchers(up_before)
         per = {k: (after[k] - before[k]) / n for k in ("rss", "uss") if k in after}
         say(
             f"  idle n={n:<5} {c.name:<8} {per['rss'] / 1024:6.1f} KiB/watch RSS  "

@@ -11,10 +11,12 @@ import contextlib
 import datetime as dt
 import ipaddress
 import random
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from apiproxy.log import get_logger
+from apiproxy.sim.errors import ApiError
 from apiproxy.sim.store import Obj, Store, now_rfc3339
 
 log = get_logger("apiproxy.sim.seed")
@@ -54,8 +56,21 @@ def _managed(manager: str, operation: str, ts: str, fields: dict[str, Any], sub:
     return out
 
 
-def pod(namespace: str, name: str, app: str, node: str, i: int, ts: str = "") -> Obj:
-    """A pod as a real cluster stores it: app container + istio-proxy sidecar, full status."""
+def pod(
+    namespace: str,
+    name: str,
+    app: str,
+    node: str,
+    i: int,
+    ts: str = "",
+    *,
+    labels: dict[str, str] | None = None,
+    managed_fields: bool = True,
+) -> Obj:
+    """A pod as a real cluster stores it: app container + istio-proxy sidecar, full status.
+
+    `labels` are added to the pod's own; `managed_fields=False` leaves out metadata.managedFields
+    (~2.8 KB of the ~7 KB), as clients that strip them (informers with a transform) see pods."""
     ts = ts or now_rfc3339()
     ip = _ip(_POD_NET, i)
     owner_uid = _uid()
@@ -66,6 +81,7 @@ def pod(namespace: str, name: str, app: str, node: str, i: int, ts: str = "") ->
         "service.istio.io/canonical-name": app,
         "service.istio.io/canonical-revision": "v1",
         "version": "v1",
+        **(labels or {}),
     }
     cond_types = (
         "PodReadyToStartContainers",
@@ -74,7 +90,7 @@ def pod(namespace: str, name: str, app: str, node: str, i: int, ts: str = "") ->
         "ContainersReady",
         "PodScheduled",
     )
-    return {
+    out: Obj = {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
@@ -358,6 +374,9 @@ def pod(namespace: str, name: str, app: str, node: str, i: int, ts: str = "") ->
             "qosClass": "Burstable",
         },
     }
+    if not managed_fields:
+        del out["metadata"]["managedFields"]
+    return out
 
 
 def node(name: str, i: int) -> Obj:
@@ -531,18 +550,66 @@ def seed(
     return out
 
 
+def add_pods(
+    store: Store,
+    namespace: str,
+    count: int,
+    *,
+    start: int = 0,
+    prefix: str = "pod",
+    labels: dict[str, str] | None = None,
+    managed_fields: bool = True,
+) -> int:
+    """Create `count` pods `<prefix>-<start>`... in `namespace` (created if missing), spread over
+    `app-0`..`app-96` and `node-0`..`node-49`; returns how many were created."""
+    r = store.registry.types
+    with contextlib.suppress(ApiError):  # already there
+        store.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+    ts = now_rfc3339()
+    return store.bulk_create(
+        r["pods"],
+        (
+            pod(
+                namespace,
+                f"{prefix}-{i}",
+                f"app-{i % 97}",
+                f"node-{i % 50}",
+                i,
+                ts,
+                labels=labels,
+                managed_fields=managed_fields,
+            )
+            for i in range(start, start + count)
+        ),
+    )
+
+
 class Churn:
     """Modify seeded pods at `rate` changes per second (status flips, label bumps) until stopped.
 
-    `async with Churn(store, 100):` or `churn.start()` / `await churn.stop()`.
+    `async with Churn(store, 100):` or `churn.start()` / `await churn.stop()`; or
+    `await churn.run_for(seconds)` for a timed burst (`rate` 0: as fast as the loop allows).
+    `namespace` limits the changes to that namespace's pods; `stamp` names an annotation set to
+    `time.time_ns()` on every change (benchmarks measure delivery latency with it).
     """
 
-    def __init__(self, store: Store, rate: float, *, seed_: int | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        rate: float,
+        *,
+        seed_: int | None = None,
+        namespace: str | None = None,
+        stamp: str | None = None,
+    ) -> None:
         self.store = store
         self.rate = rate
         self.changes = 0
+        self.namespace = namespace
+        self.stamp = stamp
         self._rng = random.Random(seed_)  # noqa: S311 - load generation, not security
         self._task: asyncio.Task[None] | None = None
+        self._keys: tuple[list[str], list[str]] | None = None  # (all keys, those in namespace)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -577,13 +644,38 @@ class Churn:
                     c["lastTransitionTime"] = ts
             if self._rng.random() < 0.1:
                 obj["metadata"].setdefault("labels", {})["churn"] = str(self.changes)
+            if self.stamp:
+                obj["metadata"].setdefault("annotations", {})[self.stamp] = str(time.time_ns())
             obj["metadata"].pop("resourceVersion", None)
             self.store.update(obj)
         self.changes += 1
 
     def _pick(self) -> str:
         keys = self.store._t(self.store.registry.types["pods"]).keys()
+        if self.namespace is not None:
+            if self._keys is None or self._keys[0] is not keys:
+                prefix = f"{self.namespace}/"
+                self._keys = (keys, [k for k in keys if k.startswith(prefix)])
+            keys = self._keys[1] or keys
         return keys[self._rng.randrange(len(keys))]
+
+    async def run_for(self, seconds: float) -> dict[str, float]:
+        """Change pods at `rate` per second (0: as fast as possible, yielding to the loop after
+        each change so watch pumps can write) for `seconds`; returns updates and seconds."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        end = start + seconds
+        n = 0
+        while (now := loop.time()) < end:
+            if self.rate > 0:
+                due = start + n / self.rate
+                if due > now:
+                    await asyncio.sleep(due - now)
+            self.step()
+            n += 1
+            if self.rate <= 0:
+                await asyncio.sleep(0)
+        return {"updates": n, "seconds": loop.time() - start}
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
