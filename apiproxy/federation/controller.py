@@ -269,14 +269,14 @@ class Work:
         doc = (self.status.get("metadataCache") or {}).get("public")
         try:
             return parse_public(doc) if doc else None
-        except MetadataError:
+        except Exception:  # unusable, however it fails: held, never a reason to remove
             return None
 
     def private(self) -> PrivateMetadata | None:
         doc = (self.status.get("metadataCache") or {}).get("private")
         try:
             return parse_private(doc, require_gateways=False) if doc else None
-        except MetadataError:
+        except Exception:  # unusable, however it fails: held, never a reason to remove
             return None
 
     def cache_invalid(self) -> bool:

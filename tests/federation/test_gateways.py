@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from apiproxy.federation.controller import PRIVATE, PUBLIC
 from apiproxy.federation.gateways import GatewaySource
-from apiproxy.federation.kube import Kube
+from apiproxy.federation.kube import Kube, KubeError
 from apiproxy.federation.metadata import Gateway
 
 NS = "istio-system"
@@ -211,3 +213,73 @@ async def test_no_gateway_is_fine_when_ingress_gateway_is_disabled(clusters, exp
     _mesh, networks = a.mesh()
     assert fb.identity is not None
     assert fb.identity.network not in networks["networks"]
+
+
+async def test_lookup_errors_serve_the_last_good_list(clusters):
+    a = await clusters("a")
+    kube = Kube(a.client)
+    _put_service(
+        a.store, _service("NodePort", [{"name": "tls", "port": 15443, "nodePort": 31443}], None)
+    )
+    a.store.create(_node("n1", addresses=[("InternalIP", "10.0.0.1")]))
+    _pod(a.store, "gw-1", "n1")
+    outcomes: list[str] = []
+    source = GatewaySource(kube, service=(NS, SVC), ttl=0, on_error=outcomes.append)
+    good = (Gateway("10.0.0.1", 31443),)
+    assert await source.get() == good
+    # Service, Pod and Node lookups each fail in turn (500): the last good list is served.
+    for path in (
+        f"/api/v1/namespaces/{NS}/services",
+        f"/api/v1/namespaces/{NS}/pods",
+        "/api/v1/nodes",
+    ):
+        rule = a.sim.faults.fail(500, path=path)
+        assert await source.get() == good, path
+        assert rule.fired >= 1, path
+        a.sim.faults.clear()
+    assert outcomes == ["served_last_good"] * 3
+    # Never a good list: the error surfaces (the exporter answers 503).
+    a.sim.faults.fail(500, path=f"/api/v1/namespaces/{NS}/services")
+    fresh = GatewaySource(kube, service=(NS, SVC), ttl=0, on_error=outcomes.append)
+    with pytest.raises(KubeError):
+        await fresh.get()
+    assert outcomes[-1] == "unavailable"
+
+
+async def test_exporter_serves_last_good_gateways_then_503(clusters, exporter_tls, test_ca):
+    a, b = await clusters("a"), await clusters("bb")
+    tls = {"exporter_tls_cert": exporter_tls[0], "exporter_tls_key": exporter_tls[1]}
+    fa = await a.federation(**tls)
+    _put_service(
+        b.store, _service("LoadBalancer", [{"name": "tls", "port": 15443}], [{"ip": "203.0.113.7"}])
+    )
+    fb = await b.federation(ingress_gateways=[], **tls)
+    a.create_imc("b", fb.exporter_url, test_ca.cert_pem)
+    b.create_imc("a", fa.exporter_url, test_ca.cert_pem)
+    await fa.reconcile()
+    await fb.reconcile()
+    await fa.reconcile()
+    assert a.condition("b", PRIVATE)["status"] == "True"
+    cached = a.imc("b")["status"]["metadataCache"]["private"]["ingressGateways"]
+    assert cached == [{"address": "203.0.113.7", "port": 15443}]
+    networks = a.mesh()[1]
+
+    fb.exporter.gateways.ttl = 0  # look up on every request
+    b.sim.faults.fail(500, path=f"/api/v1/namespaces/{NS}/services")
+    await fa.reconcile()
+    assert a.condition("b", PRIVATE)["status"] == "True"
+    assert a.imc("b")["status"]["metadataCache"]["private"]["ingressGateways"] == cached
+    served = fb.metrics_registry.get_sample_value(
+        "apiproxy_federation_gateway_discovery_errors_total", {"outcome": "served_last_good"}
+    )
+    assert served is not None
+    assert served >= 1
+
+    # A replica that never had a good list answers 503; A keeps its cache and network.
+    fb.exporter.gateways = GatewaySource(Kube(b.client), service=(NS, SVC), ttl=0)
+    await fa.reconcile()
+    cond = a.condition("b", PRIVATE)
+    assert (cond["status"], cond["reason"]) == ("False", "NonOKResponse")
+    assert "503" in cond["message"]
+    assert a.imc("b")["status"]["metadataCache"]["private"]["ingressGateways"] == cached
+    assert a.mesh()[1] == networks
