@@ -72,7 +72,7 @@ async def test_colliding_identities_are_refused_and_nothing_is_lost(
             assert _snapshot(a, "c") == good_c, override
             assert a.mesh() == good_mesh, override
             assert {p.name for p in _peers(a).peers} == {"b", "c"}
-            assert _refusals(fa, "b", reason) == before + 1
+            assert _refusals(fa, "b", reason) >= before + 1  # background passes count too
             assert not any(w.endswith("istio-remote-secret-b") for w in report.writes)
         assert _events(a, "b", "NetworkNameConflict")
         assert _events(a, "b", "ClusterIDConflict")
