@@ -13,6 +13,83 @@ from prometheus_client import (
     generate_latest,
 )
 
+# Resource names metrics may carry as labels (plus those the policy names): a bounded set.
+KNOWN_RESOURCES = frozenset(
+    [
+        "bindings",
+        "componentstatuses",
+        "configmaps",
+        "endpoints",
+        "events",
+        "limitranges",
+        "namespaces",
+        "nodes",
+        "persistentvolumeclaims",
+        "persistentvolumes",
+        "pods",
+        "podtemplates",
+        "replicationcontrollers",
+        "resourcequotas",
+        "secrets",
+        "serviceaccounts",
+        "services",
+        "controllerrevisions",
+        "daemonsets",
+        "deployments",
+        "replicasets",
+        "statefulsets",
+        "tokenreviews",
+        "subjectaccessreviews",
+        "selfsubjectaccessreviews",
+        "localsubjectaccessreviews",
+        "horizontalpodautoscalers",
+        "cronjobs",
+        "jobs",
+        "certificatesigningrequests",
+        "leases",
+        "endpointslices",
+        "ingresses",
+        "ingressclasses",
+        "networkpolicies",
+        "poddisruptionbudgets",
+        "clusterrolebindings",
+        "clusterroles",
+        "rolebindings",
+        "roles",
+        "priorityclasses",
+        "csidrivers",
+        "csinodes",
+        "storageclasses",
+        "volumeattachments",
+        "customresourcedefinitions",
+        "mutatingwebhookconfigurations",
+        "validatingwebhookconfigurations",
+        "apiservices",
+        "gateways",
+        "workloadentries",
+        "serviceexports",
+        "serviceimports",
+    ]
+)
+KNOWN_SUBRESOURCES = frozenset(
+    [
+        "status",
+        "log",
+        "exec",
+        "attach",
+        "portforward",
+        "proxy",
+        "eviction",
+        "binding",
+        "scale",
+        "ephemeralcontainers",
+        "resize",
+        "finalize",
+        "token",
+        "approval",
+    ]
+)
+
 _M = TypeVar("_M", Counter, Gauge, Histogram)
 _MAX_CHILDREN = 10_000
 

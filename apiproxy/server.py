@@ -42,10 +42,10 @@ from apiproxy.forward import (
     release_quietly,
     upstream_request_headers,
 )
-from apiproxy.metrics import Metrics
+from apiproxy.metrics import KNOWN_RESOURCES, KNOWN_SUBRESOURCES, Metrics
 from apiproxy.policy import Policy
 from apiproxy.reload import FileWatcher
-from apiproxy.request import RequestRejected, classify
+from apiproxy.request import METHOD_VERBS, RequestRejected, classify
 from apiproxy.tls import ServerTLS, peer_certificate
 
 _log = log.get_logger("apiproxy.server")
@@ -649,14 +649,27 @@ class ProxyServer:
     # -- refusals, audit, metrics -------------------------------------------------------------
 
     def _labels(self, r: _Req) -> tuple[str, str, str]:
+        """Metric labels with bounded values: label values must never come from what a caller
+        can invent (a path, a method token), or anyone could grow the series without limit.
+        Resources outside Kubernetes' built-ins and the policy are `(other)`; the audit log has
+        the details."""
         peer = r.identity.peer.name if r.identity else ""
         info = r.info
         if info is None:
-            return peer, r.method.lower(), ""
+            return peer, METHOD_VERBS.get(r.method, "other"), ""
         if not info.is_resource_request:
             return peer, info.verb, "nonresource"
+        if not self._known_resource(info.resource) or (
+            info.subresource and info.subresource not in KNOWN_SUBRESOURCES
+        ):
+            return peer, info.verb, "(other)"
         res = info.resource + (f"/{info.subresource}" if info.subresource else "")
         return peer, info.verb, res
+
+    def _known_resource(self, resource: str) -> bool:
+        if resource in KNOWN_RESOURCES:
+            return True
+        return any(resource in rule.resources for rule in self.policy.rules)
 
     def _count(self, r: _Req, code: int, decision: str) -> None:
         peer, verb, res = self._labels(r)

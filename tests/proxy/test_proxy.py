@@ -491,3 +491,36 @@ async def test_stop_ends_open_watches_cleanly(
     await asyncio.wait_for(recorder.watch_ended.wait(), 10)
     recs = audit_records(files.audit)
     assert recs[-1]["annotations"]["apiproxy.io/stream-ended-by"] == "shutdown"
+
+
+async def test_callers_cannot_grow_metric_series_without_bound(
+    world: World, recorder: Recorder, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """Label values come from bounded sets, never from a path or method a caller invents."""
+    proxy, _ = await make_proxy(recorder.url)
+    async with session(world, tmp_path, world.client_a) as s:
+        for i in range(20):
+            async with s.get(f"{proxy.url}/api/v1/namespaces/x/made-up-{i}") as r:
+                assert r.status == 403
+            async with s.get(f"{proxy.url}/api/v1/namespaces/x/pods/p/sub-{i}") as r:
+                assert r.status == 403
+        async with s.get(proxy.url + "/api/v1/secrets") as r:
+            assert r.status == 403
+    async with session(world, tmp_path, None) as s:
+        for i in range(20):
+            async with s.request(f"VERB{i}", proxy.url + "/api/v1/pods") as r:
+                assert r.status in (400, 401, 405)
+    series = {
+        tuple(sorted(sample.labels.items()))
+        for metric in proxy.metrics.registry.collect()
+        if metric.name == "apiproxy_requests"
+        for sample in metric.samples
+        if sample.name == "apiproxy_requests_total"
+    }
+    resources = {dict(labels)["resource"] for labels in series}
+    verbs = {dict(labels)["verb"] for labels in series}
+    assert "(other)" in resources
+    assert "secrets" in resources  # built-in names stay visible for alerting on denials
+    assert not any("made-up" in r or "sub-" in r for r in resources)
+    assert not any(v.startswith("verb") for v in verbs)
+    assert len(series) <= 6
