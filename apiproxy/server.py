@@ -347,14 +347,19 @@ class ProxyServer:
             await resp.read()
             return resp.status < 500
 
+    async def probe_upstream(self) -> bool:
+        """Probe the upstream now; readiness, the metric and the log follow the result."""
+        ok = await self._probe_once()
+        if ok != self.upstream_ok:
+            (_log.info if ok else _log.warning)("upstream_probe", reachable=ok)
+        self.upstream_ok = ok
+        self.metrics.upstream_up.set(1 if ok else 0)
+        self._notify()
+        return ok
+
     async def _probe_loop(self) -> None:
         while True:
-            ok = await self._probe_once()
-            if ok != self.upstream_ok:
-                (_log.info if ok else _log.warning)("upstream_probe", reachable=ok)
-            self.upstream_ok = ok
-            self.metrics.upstream_up.set(1 if ok else 0)
-            self._notify()
+            await self.probe_upstream()
             await asyncio.sleep(self.config.readiness_probe_interval_seconds)
 
     async def _healthz(self, _request: web.Request) -> web.Response:

@@ -23,3 +23,12 @@ def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
+
+
+@pytest.fixture(autouse=True)
+def _logging_at_info() -> None:
+    """Every test starts from the same logging set-up: some tests configure it themselves (the
+    demo's warning level, JSON), and tests that read logs must not depend on which ran before."""
+    from apiproxy import log
+
+    log.configure("json", "info")

@@ -44,8 +44,7 @@ async def status_of(stack: Stack, target: str = "/api/v1/pods") -> int:
 
 async def probe(stack: Stack) -> None:
     """Run one readiness probe now (the loop's interval is long in tests)."""
-    ok = await stack.proxy._probe_once()
-    stack.proxy.upstream_ok = ok
+    await stack.proxy.probe_upstream()
 
 
 async def test_upstream_killed_mid_watch_ends_the_stream_and_recovers(
