@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import signal
 import socket
 import time
@@ -25,7 +24,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from apiproxy import __version__, flags, log, status, tokens, upstream
+from apiproxy import __version__, flags, log, memory, status, tokens, upstream
 from apiproxy import peers as peers_mod
 from apiproxy import upgrade as upgrade_mod
 from apiproxy.audit import AuditWriter
@@ -196,7 +195,7 @@ class ProxyServer:
             await msite.start()
             self.metrics_port = self._metrics_runner.addresses[0][1]
         self._probe_task = asyncio.create_task(self._probe_loop(), name="apiproxy-upstream-probe")
-        if c.memory_trim_interval_seconds > 0 and _LIBC_TRIM is not None:
+        if c.memory_trim_interval_seconds > 0 and memory.CAN_TRIM:
             self._trim_task = asyncio.create_task(self._trim_loop(), name="apiproxy-memory-trim")
         _log.info(
             "serving",
@@ -372,7 +371,7 @@ class ProxyServer:
     async def _trim_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.memory_trim_interval_seconds)
-            release_free_memory()
+            memory.release_free_memory()
 
     async def _healthz(self, _request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -795,47 +794,6 @@ def _timeout_seconds(target: str) -> float | None:
         return None
 
 
-# -- process memory ----------------------------------------------------------------------------
-#
-# Every TLS connection (each peer watch, and each upstream watch when the upstream is HTTPS) gets a
-# 256 KiB read buffer from uvloop's SSL protocol, of which an idle connection touches one or two
-# pages. glibc raises its mmap threshold above 256 KiB once the first such buffer is freed, so later
-# buffers come from the heap, and one carved out of memory that earlier requests dirtied is
-# resident in full: +15 KiB per idle watch in the benchmark after its max-rate phase (64 -> 50).
-# A fixed threshold keeps the buffers mmap'd: only touched pages count, and closing returns them.
-# Bursts (max-rate watches, large lists) leave freed memory inside the heap that glibc returns
-# only from its top; `malloc_trim` hands back the rest (the benchmark's 100-watch max-rate phase
-# left ~120 MiB resident, ~60 MiB after a trim, the same as a fresh process).
-
-_M_MMAP_THRESHOLD = -3  # glibc mallopt(3) parameter
-MMAP_THRESHOLD_BYTES = 256 * 1024  # uvloop's per-connection SSL read buffer (SSL_READ_MAX_SIZE)
-
-
-def _libc_function(name: str) -> Any:
-    try:
-        return getattr(ctypes.CDLL(None), name, None)
-    except OSError:  # pragma: no cover - no dynamic C library
-        return None
-
-
-_LIBC_TRIM = _libc_function("malloc_trim")  # glibc only
-
-
-def tune_malloc() -> bool:
-    """Fix glibc's mmap threshold at 256 KiB (see above); False where there is no glibc."""
-    mallopt = _libc_function("mallopt")
-    if mallopt is None or _LIBC_TRIM is None:  # musl has a no-op mallopt and no malloc_trim
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
-
-
-def release_free_memory() -> None:
-    """Return free heap memory to the OS (glibc malloc_trim; ~0.1 ms when there is none, a few ms
-    after a burst)."""
-    if _LIBC_TRIM is not None:
-        _LIBC_TRIM(0)
-
-
 # -- command line -------------------------------------------------------------------------------
 
 
@@ -997,7 +955,7 @@ def main(argv: Sequence[str], prog: str = "apiproxy serve") -> int:
     except OSError:
         raise UserError(f"--listen: cannot resolve {config.listen_host!r}") from None
     _log.info("starting", version=__version__)
-    tune_malloc()  # before the first connection allocates its TLS buffers
+    memory.tune_malloc()  # before the first connection allocates its TLS buffers
     try:
         with asyncio.Runner(loop_factory=_runner_loop_factory()) as runner:
             runner.run(serve(config))

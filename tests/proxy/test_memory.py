@@ -7,23 +7,23 @@ import platform
 
 import pytest
 
-from apiproxy import server as server_mod
+from apiproxy import memory
 from tests.proxy.conftest import ProxyFactory, Recorder
 
 
 def test_tune_malloc_fixes_the_mmap_threshold_on_glibc() -> None:
     glibc = platform.libc_ver()[0] == "glibc"
-    assert server_mod.tune_malloc() is glibc
-    server_mod.release_free_memory()  # callable everywhere; a no-op without glibc
+    assert memory.tune_malloc() is glibc
+    memory.release_free_memory()  # callable everywhere; a no-op without glibc
 
 
 async def test_free_memory_is_returned_periodically(
     recorder: Recorder, make_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if server_mod._LIBC_TRIM is None:
+    if not memory.CAN_TRIM:
         pytest.skip("no malloc_trim (not glibc)")
     trimmed = asyncio.Event()
-    monkeypatch.setattr(server_mod, "release_free_memory", trimmed.set)
+    monkeypatch.setattr(memory, "release_free_memory", trimmed.set)
     await make_proxy(recorder.url, memory_trim_interval_seconds=0.01)
     await asyncio.wait_for(trimmed.wait(), 10)
 
