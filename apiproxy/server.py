@@ -420,6 +420,9 @@ class ProxyServer:
             user_agent=request.headers.get("User-Agent", ""),
         )
         try:
+            if len(request.headers.getall("Authorization", ())) > 1:
+                # Parsers disagree on which of several credentials counts: accept none.
+                raise AuthnFailure("multiple_authorization_headers")
             r.identity = authenticate(
                 self.peers,
                 certificate=peer_certificate(request.transport),

@@ -524,3 +524,26 @@ async def test_callers_cannot_grow_metric_series_without_bound(
     assert not any("made-up" in r or "sub-" in r for r in resources)
     assert not any(v.startswith("verb") for v in verbs)
     assert len(series) <= 6
+
+
+async def test_two_authorization_headers_are_refused(
+    world: World, recorder: Recorder, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """Which of several credentials counts differs between parsers, so none does."""
+    proxy, _ = await make_proxy(recorder.url)
+    valid = f"Bearer {world.token_a()}"
+    for second in (valid, "Bearer not-a-token"):
+        headers = [("Authorization", valid), ("Authorization", second)]
+        async with session(world, tmp_path, None) as s:
+            async with s.get(proxy.url + "/api/v1/pods", headers=headers) as resp:
+                assert resp.status == 401
+    async with session(world, tmp_path, None) as s:
+        async with s.get(proxy.url + "/api/v1/pods", headers={"Authorization": valid}) as resp:
+            assert resp.status == 200
+    assert len(recorder.requests) == 1
+    assert (
+        proxy.metrics.registry.get_sample_value(
+            "apiproxy_authentication_failures_total", {"reason": "multiple_authorization_headers"}
+        )
+        == 2
+    )
