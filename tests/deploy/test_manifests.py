@@ -312,6 +312,15 @@ def test_federation_runs_the_pinned_command_line(rendered: Rendered) -> None:
     ] == ("apiproxy-federation")
 
 
+def test_federation_lease_ships_with_the_manifests(rendered: Rendered) -> None:
+    """The Lease is part of the install, so the controller's Role needs no `create` on leases."""
+    from apiproxy.federation.main import LEASE_NAME
+
+    lease = rendered.get("Lease", LEASE_NAME, NAMESPACE)
+    assert lease["apiVersion"] == "coordination.k8s.io/v1"
+    assert "holderIdentity" not in (lease.get("spec") or {})  # the controller owns the spec
+
+
 def test_overlay_supplies_the_cluster_configmap(installable: Rendered) -> None:
     """Both env references resolve to a ConfigMap the overlay renders, with both keys set."""
     for deployment, var in (("api-proxy", "CLUSTER_UUID"), ("apiproxy-federation", "API_HOST")):
@@ -427,7 +436,6 @@ FEDERATION_GRANTS: dict[tuple[str | None, str, str], Doc] = {
         "update": ["apiproxy-peers"],
     },
     (NAMESPACE, "coordination.k8s.io", "leases"): {
-        "create": ANY,
         "get": ["apiproxy-federation"],
         "update": ["apiproxy-federation"],
     },
