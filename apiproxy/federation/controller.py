@@ -338,6 +338,23 @@ def merge_conditions(
     return out
 
 
+async def read_peer_entries(kube: Kube, namespace: str) -> dict[str, artifacts.PeerEntry]:
+    """The peers the api-proxy trusts, from the peers Secret the leader writes (first entry per
+    name wins; unreadable content reads as no peers)."""
+    peers = await kube.get(secret_path(namespace, PEERS_SECRET))
+    text = _b64d(((peers or {}).get("data") or {}).get(PEERS_KEY))
+    try:
+        doc = yaml.safe_load(text) if text else None
+    except yaml.YAMLError:
+        doc = None
+    entries: dict[str, artifacts.PeerEntry] = {}
+    for item in (doc.get("peers") if isinstance(doc, dict) else None) or []:
+        entry = artifacts.PeerEntry.from_dict(item)
+        if entry is not None:
+            entries.setdefault(entry.name, entry)
+    return entries
+
+
 def _b64d(value: Any) -> str | None:
     if not isinstance(value, str):
         return None
@@ -568,16 +585,7 @@ class Controller:
             else:
                 for cid in ids:
                     ex.foreign_ids.setdefault(cid, str(meta.get("name")))
-        peers = await self.kube.get(secret_path(self.settings.namespace, PEERS_SECRET))
-        text = _b64d(((peers or {}).get("data") or {}).get(PEERS_KEY))
-        try:
-            doc = yaml.safe_load(text) if text else None
-        except yaml.YAMLError:
-            doc = None
-        for item in (doc.get("peers") if isinstance(doc, dict) else None) or []:
-            entry = artifacts.PeerEntry.from_dict(item)
-            if entry is not None:
-                ex.peer_entries.setdefault(entry.name, entry)
+        ex.peer_entries = await read_peer_entries(self.kube, self.settings.namespace)
         _ca, ex.net_owners = mesh_owners(await self.kube.get(configmap_path(ns, MESH_CONFIGMAP)))
         return ex
 

@@ -36,7 +36,13 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from apiproxy import flags
 from apiproxy import log as applog
 from apiproxy.errors import UserError
-from apiproxy.federation.controller import Controller, ControllerSettings, Metrics, PassReport
+from apiproxy.federation.controller import (
+    Controller,
+    ControllerSettings,
+    Metrics,
+    PassReport,
+    read_peer_entries,
+)
 from apiproxy.federation.exporter import Exporter, PeerRegistry
 from apiproxy.federation.gateways import GatewaySource
 from apiproxy.federation.identity import LocalIdentity, RootCASource, ensure_identity
@@ -420,16 +426,21 @@ class Federation:
         name = str(meta.get("name"))
         changed = self._imc_generations.get(name) != key
         self._imc_generations[name] = key
-        status = obj.get("status") or {}
-        public = (status.get("metadataCache") or {}).get("public") or {}
-        if (
-            not meta.get("deletionTimestamp")
-            and isinstance(public.get("clusterUUID"), str)
-            and isinstance(public.get("authnKeyPub"), str)
-        ):
-            # Standby replicas learn known peers from status, so their exporter answers too.
-            self.registry.set(name, public["clusterUUID"], public["authnKeyPub"])
         return changed
+
+    async def _learn_accepted_peers(self) -> None:
+        """A standby's exporter answers the peers the leader accepted: those in the peers
+        Secret. Status caches are not enough: they also hold peers the leader refused."""
+        if self.can_write():
+            return  # the leader's controller keeps the registry itself
+        try:
+            entries = await read_peer_entries(self.kube, self.config.namespace)
+        except KubeError as exc:
+            log.warning("peers Secret unreadable; known peers unchanged", error=str(exc))
+            return
+        self.registry.replace_all(
+            {n: (e.cluster_uuid, e.jwt_public_key) for n, e in entries.items()}
+        )
 
     async def _watch_imcs(self) -> None:
         """List+watch IstioMulticlusters on every replica: known peers for the exporter, and
@@ -447,6 +458,7 @@ class Federation:
                 for gone in set(self._imc_generations) - present:
                     self._imc_generations.pop(gone, None)
                     self.registry.remove(gone)
+                await self._learn_accepted_peers()
                 self.watch_synced.set()
                 delay = 0.5
                 while True:
@@ -468,6 +480,9 @@ class Federation:
                             changed = self._note(obj)
                         if changed and self.controller is not None:
                             self.controller.trigger(name=name)
+                        # The leader writes status after each pass: a standby re-reads the
+                        # peers it accepted.
+                        await self._learn_accepted_peers()
             except asyncio.CancelledError:
                 raise
             except KubeError as exc:

@@ -132,8 +132,8 @@ async def test_leader_handover_inside_running_federations(clusters, exporter_tls
     lk, sk = kubes[id(leader)], kubes[id(standby)]
     assert (a.get(*LEASE) or {})["spec"]["holderIdentity"] == leader.config.identity
 
-    # B may reach either replica's exporter; here the standby's, which learns known peers from
-    # the object's status through its own watch.
+    # B may reach either replica's exporter; here the standby's, which learns the peers the
+    # leader accepted from the peers Secret (re-read on every IstioMulticluster event).
     a.create_imc("b", fb.exporter_url, test_ca.cert_pem)
     await eventually(lambda: (a.condition("b", PUBLIC) or {}).get("status") == "True")
     b.create_imc("a", standby.exporter_url, test_ca.cert_pem)
