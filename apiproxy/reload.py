@@ -13,7 +13,6 @@ A file that vanishes keeps the last good state: nothing is called until it comes
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import os
 from collections.abc import Awaitable, Callable
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from apiproxy import log
+from apiproxy.tasks import cancel_and_wait
 
 _log = log.get_logger("apiproxy.reload")
 
@@ -136,11 +136,8 @@ class FileWatcher:
             self._task = asyncio.create_task(self._run(), name="apiproxy-reload")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
 
 def _quick(path: str) -> tuple[str, int, int, int] | None:

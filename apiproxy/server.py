@@ -46,6 +46,7 @@ from apiproxy.metrics import KNOWN_RESOURCES, KNOWN_SUBRESOURCES, Metrics
 from apiproxy.policy import Policy
 from apiproxy.reload import FileWatcher
 from apiproxy.request import METHOD_VERBS, RequestRejected, classify
+from apiproxy.tasks import cancel_and_wait
 from apiproxy.tls import ServerTLS, peer_certificate
 
 _log = log.get_logger("apiproxy.server")
@@ -216,11 +217,7 @@ class ProxyServer:
         loop = asyncio.get_running_loop()
         for t in list(self._streams):
             t.reschedule(loop.time())
-        for task in (self._probe_task, self._trim_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await cancel_and_wait(self._probe_task, self._trim_task)
         await self.watcher.stop()
         if self._runner is not None:
             await self._runner.cleanup()

@@ -34,6 +34,7 @@ from typing import IO, Any, Final
 from prometheus_client import Counter, Gauge, Histogram
 
 from apiproxy.log import get_logger
+from apiproxy.tasks import cancel_and_wait
 
 QUEUE_WAIT = Histogram(
     "apiproxy_audit_queue_wait_seconds",
@@ -175,9 +176,7 @@ class AuditWriter:
             await asyncio.wait_for(finish(), timeout)
         except TimeoutError:
             lost = self.depth
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             log.error("audit log close timed out; records not written", records=lost)
         finally:
             await asyncio.to_thread(self._close_file)

@@ -18,6 +18,7 @@ from typing import Any
 from apiproxy.log import get_logger
 from apiproxy.sim.errors import ApiError
 from apiproxy.sim.store import Obj, Store, now_rfc3339
+from apiproxy.tasks import cancel_and_wait
 
 log = get_logger("apiproxy.sim.seed")
 
@@ -615,11 +616,8 @@ class Churn:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def __aenter__(self) -> Churn:
         self.start()
