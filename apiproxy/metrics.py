@@ -168,6 +168,19 @@ class Metrics:
         self.upstream_up = Gauge(
             "apiproxy_upstream_up", "1 when the last upstream probe succeeded.", registry=r
         )
+        # For alerts: a refused reload (the last good version still in force) and watches
+        # approaching the per-peer limit need the state and the limit as series.
+        self.reload_failing = Gauge(
+            "apiproxy_reload_failing",
+            "1 while the last reload of an input was refused (the last good version is served).",
+            ["what"],
+            registry=r,
+        )
+        self.max_watches = Gauge(
+            "apiproxy_max_watches_per_peer",
+            "Configured limit of concurrent watches per peer (--max-watches-per-peer).",
+            registry=r,
+        )
 
     def child(self, metric: _M, *values: str) -> _M:
         """`metric.labels(*values)`, memoised: the hot path skips prometheus_client's label

@@ -106,6 +106,7 @@ class ProxyServer:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self.metrics = Metrics()
+        self.metrics.max_watches.set(config.max_watches_per_peer)
         # Load everything now: a bad file fails construction, before any port is bound.
 
         self.policy = Policy.load(config.policy)
@@ -245,6 +246,8 @@ class ProxyServer:
         tok = self.upstream.token
         if tok is not None and tok.path is not None:
             self.watcher.add("upstream-token", [str(tok.path)], self._reload_token)
+        for what in ("policy", "peers", "tls"):  # the series exist from the start, for alerts
+            self.metrics.reload_failing.labels(what).set(0)
 
     @contextlib.asynccontextmanager
     async def stream_deadline(self, r: _Req, seconds: float | None) -> AsyncIterator[None]:
@@ -316,6 +319,7 @@ class ProxyServer:
     def _reload_result(self, what: str, ok: bool, err: BaseException | None) -> None:
         self.metrics.reloads.labels(what, "success" if ok else "failure").inc()
         (self.stale.discard if ok else self.stale.add)(what)
+        self.metrics.reload_failing.labels(what).set(0 if ok else 1)
         if ok:
             self.metrics.last_reload.labels(what).set(time.time())
             _log.info("reloaded", what=what)

@@ -1,4 +1,5 @@
-"""`apiproxy audit summarize|suggest FILE...`: review what peers read and what was refused."""
+"""`apiproxy audit summarize|suggest|report FILE...`: review what peers read and what was
+refused."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import sys
 
 from apiproxy import flags
+from apiproxy.audit.report import write_report
 from apiproxy.audit.review import Filter, parse_when, render_table, summarize
 from apiproxy.audit.suggest import render, suggest
 from apiproxy.errors import UserError
@@ -54,6 +56,18 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         help="policy rules that would have allowed the denied requests (for review, never applied)",
     )
     _common(g)
+    r = sub.add_parser(
+        "report",
+        help="the summary as one self-contained HTML page with charts (no network fetches)",
+    )
+    _common(r)
+    r.add_argument(
+        "--denied",
+        action="store_true",
+        help="only refused requests (policy denials and authentication failures)",
+    )
+    r.add_argument("--top", type=int, default=10, metavar="N", help="refused requests to list")
+    r.add_argument("--html", required=True, metavar="OUT", help="write the page to OUT")
     return parser
 
 
@@ -69,9 +83,19 @@ def main(argv: list[str], prog: str) -> int:
     args = _parser(prog).parse_args(argv)
     if args.files.count("-") > 1:
         raise UserError("stdin ('-') can be given only once")
+    if args.command in ("summarize", "report") and args.top < 0:
+        raise UserError("--top must be 0 or more")
+    if args.command == "report":
+        report = write_report(args.files, args.html, _filter(args, args.denied), args.top)
+        stats = report.summary.stats
+        print(
+            f"{prog}: wrote {args.html}: {len(report.summary.peers)} peer(s), "
+            f"{stats.records} records"
+            + (f", {stats.malformed} malformed" if stats.malformed else ""),
+            file=sys.stderr,
+        )
+        return 0
     if args.command == "summarize":
-        if args.top < 0:
-            raise UserError("--top must be 0 or more")
         summary = summarize(args.files, _filter(args, args.denied))
         if args.output == "json":
             json.dump(summary.to_dict(args.top), sys.stdout, indent=2)

@@ -16,7 +16,7 @@ import json
 import re
 import sys
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import IO, Any, Final
@@ -411,7 +411,14 @@ class Summary:
         }
 
 
-def summarize(paths: Iterable[str], flt: Filter | None = None) -> Summary:
+def summarize(
+    paths: Iterable[str],
+    flt: Filter | None = None,
+    observe: Callable[[str, Rec], None] | None = None,
+) -> Summary:
+    """Aggregate per peer. `observe(peer_key, rec)` sees every record counted (after the
+    filters; `peer_key` is the peer's row, OTHER_PEERS past MAX_PEERS), for extra aggregates
+    that must stay bounded the same way (the HTML report's timelines)."""
     flt = flt or Filter()
     summary = Summary(ReadStats(), flt)
     peers = summary.peers
@@ -420,11 +427,14 @@ def summarize(paths: Iterable[str], flt: Filter | None = None) -> Summary:
             continue
         if flt.denied_only and not rec.refused:
             continue
-        stats = peers.get(rec.peer)
+        key = rec.peer
+        stats = peers.get(key)
         if stats is None:
             key = rec.peer if len(peers) < MAX_PEERS else OTHER_PEERS
             stats = peers.setdefault(key, PeerStats())
         stats.add(rec)
+        if observe is not None:
+            observe(key, rec)
     return summary
 
 

@@ -137,6 +137,13 @@ class Metrics:
             ["peer"],
             registry=registry,
         )
+        # With the expiry, lets an alert tell "rotation overdue" from "expires in 8h as planned".
+        self.credential_rotation_due = Gauge(
+            "apiproxy_federation_credentials_rotation_due_timestamp_seconds",
+            "When the controller means to rotate the credentials in a peer's remote secret.",
+            ["peer"],
+            registry=registry,
+        )
         self.writes = Counter(
             "apiproxy_federation_artifact_writes_total",
             "Writes of artifacts (only on change).",
@@ -158,6 +165,17 @@ class Metrics:
         self.leader = Gauge(
             "apiproxy_federation_leader", "1 while this replica holds the Lease.", registry=registry
         )
+
+    def forget_peer(self, peer: str) -> None:
+        """Drop a removed peer's state series, so no alert fires on a peer that is gone."""
+        series: list[tuple[Gauge, tuple[str, ...]]] = [
+            (self.credential_expiry, (peer,)),
+            (self.credential_rotation_due, (peer,)),
+        ]
+        series += [(self.condition, (peer, ctype)) for ctype in CONDITION_TYPES]
+        for gauge, labels in series:
+            with contextlib.suppress(KeyError):
+                gauge.remove(*labels)
 
 
 @dataclass
@@ -479,6 +497,7 @@ class Controller:
         for gone in set(self.peers) - names:
             self.peers.pop(gone, None)
             self.registry.remove(gone)
+            self.metrics.forget_peer(gone)
 
         # 1-2: finalizers and metadata exchange, peers concurrently.
         active = [w for w in works if not w.deleting]
@@ -905,18 +924,19 @@ class Controller:
         state.next_rotation = (
             creds.issued_at + (creds.expires_at - creds.issued_at) * self.settings.rotate_fraction
         )
+        if existing is None or not _same_secret(existing, desired):
+            self._check_writer()
+            if existing is None:
+                await self.kube.create(secret_path(ns), desired)
+            else:
+                desired["metadata"]["resourceVersion"] = existing["metadata"]["resourceVersion"]
+                await self.kube.replace(secret_path(ns, name), desired)
+            self.metrics.writes.labels("remote-secret").inc()
+            report.writes.append(f"secret/{ns}/{name}")
+            log.info("remote secret written", peer=w.name, cluster_id=peer_id)
+        # Only what istiod can read now: a rotation whose write failed must not look done.
         self.metrics.credential_expiry.labels(w.name).set(creds.expires_at)
-        if existing is not None and _same_secret(existing, desired):
-            return
-        self._check_writer()
-        if existing is None:
-            await self.kube.create(secret_path(ns), desired)
-        else:
-            desired["metadata"]["resourceVersion"] = existing["metadata"]["resourceVersion"]
-            await self.kube.replace(secret_path(ns, name), desired)
-        self.metrics.writes.labels("remote-secret").inc()
-        report.writes.append(f"secret/{ns}/{name}")
-        log.info("remote secret written", peer=w.name, cluster_id=peer_id)
+        self.metrics.credential_rotation_due.labels(w.name).set(state.next_rotation)
 
     async def _sweep_remote_secrets(self, active: set[str], report: PassReport) -> None:
         ns = self.settings.istio_namespace
@@ -1106,6 +1126,7 @@ class Controller:
         )
         self.peers.pop(w.name, None)
         self.registry.remove(w.name)
+        self.metrics.forget_peer(w.name)
         report.writes.append(f"finalizer removed from {w.name}")
         log.info("peer removed", peer=w.name)
 

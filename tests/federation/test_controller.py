@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import base64
 
+import jwt
+import pytest
 import yaml
 
 from apiproxy import peers as peers_mod
@@ -143,8 +145,52 @@ async def test_changed_peer_uuid_is_refused_and_pinned(clusters, exporter_tls, t
     assert fa.registry.key_for(c.uuid) is None
 
 
+def _peer_gauges(fed, peer):
+    """The state series alerts read for `peer` (None when not exported)."""
+    get = fed.metrics_registry.get_sample_value
+    return {
+        "expiry": get("apiproxy_federation_credentials_expiry_timestamp_seconds", {"peer": peer}),
+        "rotation": get(
+            "apiproxy_federation_credentials_rotation_due_timestamp_seconds", {"peer": peer}
+        ),
+        "public": get("apiproxy_federation_condition", {"peer": peer, "type": PUBLIC}),
+    }
+
+
+async def test_credential_expiry_and_rotation_time_are_exported(clusters, exporter_tls, test_ca):
+    a, _b, fa, _fb = await _pair(clusters, exporter_tls, test_ca)
+    _key, kc = _remote_kubeconfig(a, "b")
+    token = kc["users"][0]["user"]["token"]
+    claims = jwt.decode(token, options={"verify_signature": False})
+    g = _peer_gauges(fa, "b")
+    assert g["expiry"] == claims["exp"]
+    # rotated at two thirds of the lifetime, which is what the alert compares against
+    ttl = claims["exp"] - claims["iat"]
+    assert g["rotation"] == pytest.approx(claims["iat"] + ttl * 2 / 3, abs=1)
+    assert g["public"] == 1
+
+
+async def test_a_rotation_whose_write_failed_does_not_look_done(clusters, exporter_tls, test_ca):
+    a, _b, fa, _fb = await _pair(clusters, exporter_tls, test_ca)
+    before = _peer_gauges(fa, "b")
+    # A shorter lifetime makes the next pass re-issue; istiod's Secret cannot be written.
+    fa.controller.settings.credential_ttl = 600
+    secret = "/api/v1/namespaces/istio-system/secrets/istio-remote-secret-b"
+    a.sim.faults.fail(500, method="PUT", path=secret)
+    await fa.reconcile()
+    assert _peer_gauges(fa, "b") == before  # what istiod holds is still the old credential
+    a.sim.faults.clear()
+    await fa.reconcile()
+    after = _peer_gauges(fa, "b")
+    _key, kc = _remote_kubeconfig(a, "b")
+    claims = jwt.decode(kc["users"][0]["user"]["token"], options={"verify_signature": False})
+    assert after["expiry"] == claims["exp"] < before["expiry"]
+    assert after["rotation"] < before["rotation"]
+
+
 async def test_deleting_the_peer_removes_exactly_its_artifacts(clusters, exporter_tls, test_ca):
     a, _b, fa, _fb = await _pair(clusters, exporter_tls, test_ca)
+    assert None not in _peer_gauges(fa, "b").values()
     a.store.delete("istiomulticlusters.deckhouse.io", "b")
     assert a.imc("b")["metadata"].get("deletionTimestamp")  # held by our finalizer
     await fa.reconcile()
@@ -157,6 +203,8 @@ async def test_deleting_the_peer_removes_exactly_its_artifacts(clusters, exporte
     assert networks == FOREIGN_NETWORKS
     # Identity secrets are not per-peer and stay.
     assert a.get("secrets", "apiproxy-identity", "apiproxy-system") is not None
+    # No series of a removed peer stays behind for an alert to fire on.
+    assert set(_peer_gauges(fa, "b").values()) == {None}
 
 
 async def test_watch_triggers_a_pass_when_an_object_appears(clusters, exporter_tls, test_ca):

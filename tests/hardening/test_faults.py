@@ -285,6 +285,7 @@ async def test_broken_or_deleted_inputs_keep_the_last_good_state(
     }[what]
     good = path.read_text()
     name = "tls" if what.startswith("tls") else what
+    assert stack.metric("apiproxy_reload_failing", what=name) == 0  # exported from the start
     if how == "deleted":
         path.unlink()
         assert await stack.proxy.reload_now() == []
@@ -292,6 +293,7 @@ async def test_broken_or_deleted_inputs_keep_the_last_good_state(
         path.write_text("" if how == "empty" else "-----BEGIN GARBAGE-----\n\x01\x02: [\n")
         assert await stack.proxy.reload_now() == [(name, False)]
         assert stack.metric("apiproxy_reloads_total", what=name, result="failure") == 1
+        assert stack.metric("apiproxy_reload_failing", what=name) == 1  # what alerts watch
         assert "reload_refused" in "".join(capsys.readouterr())
     # still serving with the last good state: allowed stays allowed, denied stays denied,
     # peers still authenticate, new TLS handshakes still work
@@ -304,6 +306,7 @@ async def test_broken_or_deleted_inputs_keep_the_last_good_state(
     results = await stack.proxy.reload_now()
     assert results == [(name, True)]
     assert stack.metric("apiproxy_reloads_total", what=name, result="success") == 1
+    assert stack.metric("apiproxy_reload_failing", what=name) == 0
     assert await status_of(stack) == 200
 
 

@@ -363,6 +363,8 @@ async def test_watch_limit_per_peer_is_429_with_retry_after(
     world: World, recorder: Recorder, make_proxy: ProxyFactory, tmp_path: Path
 ) -> None:
     proxy, _ = await make_proxy(recorder.url, max_watches_per_peer=1)
+    # exported, so an alert can compare open watches with the limit
+    assert proxy.metrics.registry.get_sample_value("apiproxy_max_watches_per_peer") == 1
     async with session(world, tmp_path, world.client_a) as s:
         first = await s.get(proxy.url + "/api/v1/pods?watch=1")
         assert first.status == 200
