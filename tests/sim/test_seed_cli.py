@@ -100,9 +100,10 @@ def test_sim_command_serves_kubectl_and_stops_on_sigterm(tmp_path: Path) -> None
             proc.communicate()
 
 
-def test_sim_command_user_errors() -> None:
+def test_sim_command_user_errors(tmp_path: Path) -> None:
+    (tmp_path / "cert.pem").write_text("")
     out = subprocess.run(
-        [sys.executable, "-m", "apiproxy", "sim", "--tls-cert", "/nonexistent"],
+        [sys.executable, "-m", "apiproxy", "sim", "--tls-cert", str(tmp_path / "cert.pem")],
         capture_output=True,
         text=True,
         timeout=60,
