@@ -36,9 +36,9 @@ import yaml
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from apiproxy import tokens
-from apiproxy.federation import artifacts
+from apiproxy.federation import artifacts, mesh, planning
 from apiproxy.federation.exporter import PeerRegistry
-from apiproxy.federation.identity import LocalIdentity, cluster_id
+from apiproxy.federation.identity import LocalIdentity
 from apiproxy.federation.kube import (
     IMC_PATH,
     Kube,
@@ -58,6 +58,12 @@ from apiproxy.federation.metadata import (
     read_capped,
     ssl_context,
 )
+from apiproxy.federation.planning import (
+    CONFLICT_REASONS,
+    UUID_CONFLICT,
+    Existing,
+    Plan,
+)
 from apiproxy.log import get_logger, redact_text
 
 log = get_logger("apiproxy.federation.controller")
@@ -70,10 +76,6 @@ CONDITION_TYPES = (PUBLIC, PRIVATE, REMOTE_API)
 # Refusals of a peer whose identity collides with ours or another peer's: istiod ignores a remote
 # secret whose cluster ID is the local one or already registered, one meshNetworks name holds one
 # network, and the api-proxy refuses a peers file with a duplicate clusterUUID.
-UUID_CONFLICT = "ClusterUUIDConflict"
-ID_CONFLICT = "ClusterIDConflict"
-NETWORK_CONFLICT = "NetworkNameConflict"
-CONFLICT_REASONS = frozenset({UUID_CONFLICT, ID_CONFLICT, NETWORK_CONFLICT})
 RECONCILE_FAILED = "ReconcileFailed"
 PEERS_SECRET = "apiproxy-peers"  # noqa: S105 - a name
 PEERS_KEY = "peers.yaml"
@@ -178,72 +180,6 @@ class PassReport:
     conditions: dict[str, dict[str, Obj]] = field(default_factory=dict)
     writes: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Plan:
-    """What one peer's artifacts are built from this pass. `pub`/`priv` None means *hold*: the
-    artifacts derived from that document are kept exactly as they are (not rewritten, not
-    removed). Only deleting the IstioMulticluster removes a peer's artifacts."""
-
-    pub: PublicMetadata | None
-    priv: PrivateMetadata | None
-    refused: str = ""  # a *Conflict reason when the peer was refused
-
-
-@dataclass
-class Existing:
-    """Who holds which identity in the artifacts written so far (read once per pass)."""
-
-    secret_ids: dict[str, set[str]] = field(default_factory=dict)  # IMC name -> cluster IDs
-    foreign_ids: dict[str, str] = field(default_factory=dict)  # cluster ID -> foreign secret
-    peer_entries: dict[str, artifacts.PeerEntry] = field(default_factory=dict)
-    net_owners: dict[str, str] = field(default_factory=dict)  # IMC name -> network
-
-
-def _json_map(text: str | None) -> dict[str, str] | None:
-    """An owner annotation: {"<IMC name>": "<value>"}; None when absent or not such a map."""
-    if not text:
-        return None
-    try:
-        doc = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(doc, dict):
-        return None
-    return {str(k): v for k, v in doc.items() if isinstance(v, str)}
-
-
-def _json_list(text: str | None) -> set[str]:
-    try:
-        doc = json.loads(text or "[]")
-    except ValueError:
-        return set()
-    return {str(v) for v in doc} if isinstance(doc, list) else set()
-
-
-def mesh_owners(cm: Obj | None) -> tuple[dict[str, str] | None, dict[str, str]]:
-    """(CA digest by peer or None when never recorded, network by peer) of the istio ConfigMap.
-    Networks written before the owner annotation existed are attributed by their
-    `fromRegistry: <IMC name>` endpoint."""
-    if cm is None:
-        return None, {}
-    annotations = (cm.get("metadata") or {}).get("annotations") or {}
-    ca = _json_map(annotations.get(artifacts.CA_OWNERS_ANNOTATION))
-    nets = _json_map(annotations.get(artifacts.NETWORK_OWNERS_ANNOTATION))
-    if nets is None:
-        nets = {}
-        try:
-            doc = yaml.safe_load(((cm.get("data") or {}).get("meshNetworks")) or "") or {}
-        except yaml.YAMLError:
-            doc = {}
-        networks = doc.get("networks") if isinstance(doc, dict) else None
-        for name in sorted(_json_list(annotations.get(artifacts.OWNED_NETWORKS_ANNOTATION))):
-            entry = networks.get(name) if isinstance(networks, dict) else None
-            for ep in (entry.get("endpoints") if isinstance(entry, dict) else None) or []:
-                if isinstance(ep, dict) and isinstance(ep.get("fromRegistry"), str):
-                    nets.setdefault(ep["fromRegistry"], name)
-    return ca, nets
 
 
 @dataclass
@@ -586,81 +522,34 @@ class Controller:
                 for cid in ids:
                     ex.foreign_ids.setdefault(cid, str(meta.get("name")))
         ex.peer_entries = await read_peer_entries(self.kube, self.settings.namespace)
-        _ca, ex.net_owners = mesh_owners(await self.kube.get(configmap_path(ns, MESH_CONFIGMAP)))
+        _ca, ex.net_owners = mesh.owners(await self.kube.get(configmap_path(ns, MESH_CONFIGMAP)))
         return ex
 
     # ------------------------------------------------------------------ plan
 
     def _plan(self, active: list[Work], ex: Existing, report: PassReport) -> dict[str, Plan]:
-        """Each peer's documents for this pass, after refusing identity collisions.
-
-        A cached document that does not validate is treated as absent: its artifacts are held.
-        A cluster UUID, cluster ID or (for peers with ingress gateways) network name claimed by
-        two peers goes to the peer whose artifacts already hold it, else to the oldest object
-        (creationTimestamp, then name); one that is this cluster's own, or (cluster ID) that a
-        remote secret not managed by us registers, goes to nobody. Every other claimant is
-        refused: its existing artifacts are held, none are written for it.
-        """
-        plans: dict[str, Plan] = {}
-        for w in active:
-            pub = w.public()
-            plans[w.name] = Plan(pub, w.private() if pub is not None else None)
-        claims: dict[tuple[str, str], set[str]] = {}
-
-        def claim(kind: str, value: str | None, name: str) -> None:
-            if value:
-                claims.setdefault((kind, value), set()).add(name)
-
-        for w in active:
-            p, entry = plans[w.name], ex.peer_entries.get(w.name)
-            gateways = bool(w.spec.get("enableIngressGateway", True))
-            # A peer on hold still claims what its artifacts hold, so nobody takes it over.
-            held_uuid = entry.cluster_uuid if entry is not None else None
-            claim(UUID_CONFLICT, p.pub.cluster_uuid if p.pub else held_uuid, w.name)
-            if p.pub is not None and p.priv is not None:
-                claim(ID_CONFLICT, self._peer_cluster_id(p.pub, p.priv), w.name)
-                if gateways:
-                    claim(NETWORK_CONFLICT, p.priv.network_name, w.name)
-            else:
-                for cid in ex.secret_ids.get(w.name, ()):
-                    claim(ID_CONFLICT, cid, w.name)
-                if gateways:
-                    claim(NETWORK_CONFLICT, ex.net_owners.get(w.name), w.name)
-
-        def holds(kind: str, value: str, name: str) -> bool:
-            if kind == UUID_CONFLICT:
-                entry = ex.peer_entries.get(name)
-                return entry is not None and entry.cluster_uuid == value
-            if kind == ID_CONFLICT:
-                return value in ex.secret_ids.get(name, set())
-            return ex.net_owners.get(name) == value
-
+        """Each peer's documents for this pass (`planning.plan`); refusals set conditions."""
         assert self.identity is not None
-        local = {
-            UUID_CONFLICT: self.identity.cluster_uuid,
-            ID_CONFLICT: self.identity.cluster_id,
-            NETWORK_CONFLICT: self.identity.network,
-        }
+        peers = [
+            planning.Peer(
+                name=w.name,
+                created=str(w.obj["metadata"].get("creationTimestamp") or ""),
+                pub=w.public(),
+                priv=w.private(),
+                gateways=bool(w.spec.get("enableIngressGateway", True)),
+            )
+            for w in active
+        ]
+        plans, refusals = planning.plan(peers, ex, self.identity)
         by_name = {w.name: w for w in active}
-
-        def age(name: str) -> tuple[str, str]:
-            return str(by_name[name].obj["metadata"].get("creationTimestamp") or ""), name
-
-        for (kind, value), names in sorted(claims.items()):
-            ordered = sorted(names, key=age)
-            if value == local[kind]:
-                losers, other = ordered, "this cluster's own"
-            elif kind == ID_CONFLICT and value in ex.foreign_ids:
-                losers = ordered
-                other = f"registered by secret {ex.foreign_ids[value]} (not managed by apiproxy)"
-            elif len(ordered) > 1:
-                winner = next((n for n in ordered if holds(kind, value, n)), ordered[0])
-                losers = [n for n in ordered if n != winner]
-                other = f'already used by IstioMulticluster "{winner}"'
-            else:
-                continue
-            for name in losers:
-                self._refuse(by_name[name], plans[name], kind, value, other, report)
+        for r in refusals:
+            w = by_name[r.peer]
+            if r.kind == UUID_CONFLICT:
+                w.set(PUBLIC, False, r.kind, r.message)
+            w.set(PRIVATE, False, r.kind, r.message)
+            self.metrics.refusals.labels(r.peer, r.kind).inc()
+            report.errors.append(f"{r.peer}: {r.kind}: {r.what} {r.value} is {r.other}")
+            log.warning("peer_refused", peer=r.peer, reason=r.kind, value=r.value, other=r.other)
 
         # A refusal or failed build left a condition behind: it recovers as soon as the peer's
         # cached documents are usable again, without waiting for the next fetch.
@@ -675,28 +564,6 @@ class Controller:
                 ):
                     w.set(ctype, True, "Fetched", "cached metadata valid; the conflict is resolved")
         return plans
-
-    def _refuse(
-        self, w: Work, plan: Plan, kind: str, value: str, other: str, report: PassReport
-    ) -> None:
-        if plan.refused:
-            return  # one reason per pass is enough
-        plan.pub, plan.priv, plan.refused = None, None, kind
-        what = {
-            UUID_CONFLICT: "cluster UUID",
-            ID_CONFLICT: "cluster ID",
-            NETWORK_CONFLICT: "network name",
-        }[kind]
-        message = (
-            f"{what} {value} is {other}; refused: this peer's existing artifacts are kept "
-            "and no new ones are written until the conflict is resolved"
-        )
-        if kind == UUID_CONFLICT:
-            w.set(PUBLIC, False, kind, message)
-        w.set(PRIVATE, False, kind, message)
-        self.metrics.refusals.labels(w.name, kind).inc()
-        report.errors.append(f"{w.name}: {kind}: {what} {value} is {other}")
-        log.warning("peer refused", peer=w.name, reason=kind, value=value, other=other)
 
     # ------------------------------------------------------------------ exchange
 
@@ -843,8 +710,7 @@ class Controller:
     # ------------------------------------------------------------------ artifacts
 
     def _peer_cluster_id(self, pub: PublicMetadata, priv: PrivateMetadata) -> str:
-        # Recent peers publish clusterID; older ones share our cluster domain (same mesh).
-        return priv.cluster_id or cluster_id(self.settings.cluster_domain, pub.cluster_uuid)
+        return planning.peer_cluster_id(pub, priv, self.settings.cluster_domain)
 
     async def _remote_secret(self, w: Work, plan: Plan, report: PassReport) -> None:
         pub, priv = plan.pub, plan.priv
@@ -990,104 +856,45 @@ class Controller:
             report.errors.append(f"configmap {ns}/{MESH_CONFIGMAP} not found; mesh trust not set")
             log.warning("mesh ConfigMap missing", namespace=ns, name=MESH_CONFIGMAP)
             return
-        data = dict(cm.get("data") or {})
-        annotations = dict(cm["metadata"].get("annotations") or {})
         try:
-            mesh = yaml.safe_load(data.get("mesh") or "") or {}
-            networks_doc = yaml.safe_load(data.get("meshNetworks") or "") or {}
-        except yaml.YAMLError:
-            report.errors.append(f"configmap {ns}/{MESH_CONFIGMAP}: mesh YAML does not parse")
+            update = mesh.update(
+                cm,
+                [self._mesh_peer(w, plans[w.name], report) for w in active],
+                self.settings.cluster_domain,
+            )
+        except mesh.MeshConfigError as exc:
+            report.errors.append(f"configmap {ns}/{MESH_CONFIGMAP}: {exc}")
             return
-        if not isinstance(mesh, dict) or not isinstance(networks_doc, dict):
-            report.errors.append(f"configmap {ns}/{MESH_CONFIGMAP}: mesh is not a mapping")
-            return
-        owned_ca = _json_list(annotations.get(artifacts.OWNED_CA_ANNOTATION))
-        owned_nets = _json_list(annotations.get(artifacts.OWNED_NETWORKS_ANNOTATION))
-        old_ca_owners, old_net_owners = mesh_owners(cm)
-        ca_desired: dict[str, tuple[str, list[str]]] = {}
-        net_desired: list[artifacts.NetworkSpec] = []
-        ca_owners: dict[str, str] = {}
-        net_owners: dict[str, str] = {}
-        keep_ca: set[str] = set()
-        keep_nets: set[str] = set()
-        unattributed_hold = False
-        for w in active:
-            pub, priv = plans[w.name].pub, plans[w.name].priv
-            digest: str | None = None
-            if pub is not None:
-                try:
-                    digest = artifacts.pem_digest(pub.root_ca)
-                except Exception as exc:  # this peer's entry is held, the others go on
-                    self._failed(w, "mesh trust", exc)
-                    report.errors.append(f"mesh trust of {w.name}: {type(exc).__name__}")
-            if pub is not None and digest is not None:
-                ca_desired[w.name] = (pub.root_ca, [self.settings.cluster_domain])
-                ca_owners[w.name] = digest
-            elif old_ca_owners is None:
-                # Written before owners were recorded: which root is this peer's is unknown, so
-                # every root we own stays until the peer is usable again.
-                keep_ca |= owned_ca
-                unattributed_hold = True
-            elif w.name in old_ca_owners:
-                keep_ca.add(old_ca_owners[w.name])
-                ca_owners[w.name] = old_ca_owners[w.name]
-            if not w.spec.get("enableIngressGateway", True):
-                continue  # the spec says no network: removed, whatever the documents
-            if pub is not None and priv is not None:
-                net_desired.append(
-                    artifacts.NetworkSpec(
-                        network=priv.network_name,
-                        registries=(self._peer_cluster_id(pub, priv), w.name),
-                        gateways=priv.ingress_gateways,
-                    )
-                )
-                net_owners.setdefault(w.name, priv.network_name)
-            elif w.name in old_net_owners:
-                keep_nets.add(old_net_owners[w.name])
-                net_owners[w.name] = old_net_owners[w.name]
-        new_mesh, new_owned_ca = artifacts.merge_ca_certificates(
-            mesh, ca_desired, owned_ca, keep_ca
-        )
-        new_nets, new_owned_nets = artifacts.merge_mesh_networks(
-            networks_doc, net_desired, owned_nets, keep_nets
-        )
-        ca_owners = {n: d for n, d in ca_owners.items() if d in new_owned_ca}
-        claimed: set[str] = set()
-        for n in sorted(net_owners, key=lambda n: (net_owners[n] not in keep_nets, n)):
-            if net_owners[n] in new_owned_nets and net_owners[n] not in claimed:
-                claimed.add(net_owners[n])
-            else:
-                net_owners.pop(n)
-        new_data = dict(data)
-        if new_mesh != mesh:
-            new_data["mesh"] = artifacts.dump_yaml(new_mesh)
-        if new_nets != networks_doc and ("meshNetworks" in data or new_owned_nets):
-            new_data["meshNetworks"] = artifacts.dump_yaml(new_nets)
-        new_ann = dict(annotations)
-        new_ann[artifacts.OWNED_CA_ANNOTATION] = json.dumps(sorted(new_owned_ca))
-        new_ann[artifacts.OWNED_NETWORKS_ANNOTATION] = json.dumps(sorted(new_owned_nets))
-        if not new_owned_ca and artifacts.OWNED_CA_ANNOTATION not in annotations:
-            new_ann.pop(artifacts.OWNED_CA_ANNOTATION)
-        if not new_owned_nets and artifacts.OWNED_NETWORKS_ANNOTATION not in annotations:
-            new_ann.pop(artifacts.OWNED_NETWORKS_ANNOTATION)
-        for key, owners in (
-            (artifacts.CA_OWNERS_ANNOTATION, ca_owners),
-            (artifacts.NETWORK_OWNERS_ANNOTATION, net_owners),
-        ):
-            if key == artifacts.CA_OWNERS_ANNOTATION and unattributed_hold:
-                continue  # stays unrecorded until every held root can be attributed
-            if owners or key in annotations:
-                new_ann[key] = json.dumps(owners, sort_keys=True)
-        if new_data == data and new_ann == annotations:
+        if update is None:
             return
         self._check_writer()
         body = copy.deepcopy(cm)
-        body["data"] = new_data
-        body["metadata"]["annotations"] = new_ann
+        body["data"] = update.data
+        body["metadata"]["annotations"] = update.annotations
         await self.kube.replace(configmap_path(ns, MESH_CONFIGMAP), body)
         self.metrics.writes.labels("mesh-config").inc()
         report.writes.append(f"configmap/{ns}/{MESH_CONFIGMAP}")
-        log.info("mesh config written", peers=sorted(ca_desired), networks=sorted(new_owned_nets))
+        log.info("mesh config written", peers=update.peers, networks=update.networks)
+
+    def _mesh_peer(self, w: Work, plan: Plan, report: PassReport) -> mesh.MeshPeer:
+        pub, priv = plan.pub, plan.priv
+        ca: tuple[str, str] | None = None
+        if pub is not None:
+            try:
+                ca = (pub.root_ca, artifacts.pem_digest(pub.root_ca))
+            except Exception as exc:  # this peer's root is held, the others go on
+                self._failed(w, "mesh trust", exc)
+                report.errors.append(f"mesh trust of {w.name}: {type(exc).__name__}")
+        network = None
+        if pub is not None and priv is not None:
+            network = artifacts.NetworkSpec(
+                network=priv.network_name,
+                registries=(self._peer_cluster_id(pub, priv), w.name),
+                gateways=priv.ingress_gateways,
+            )
+        return mesh.MeshPeer(
+            w.name, ca, network, gateways=bool(w.spec.get("enableIngressGateway", True))
+        )
 
     async def _drop_finalizer(self, w: Work, report: PassReport) -> None:
         finalizers = list(w.obj["metadata"].get("finalizers") or [])

@@ -31,7 +31,7 @@ from kubernetes_asyncio.client import ApiClient
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from apiproxy import flags
+from apiproxy import flags, tasks
 from apiproxy import log as applog
 from apiproxy.errors import UserError
 from apiproxy.federation.controller import (
@@ -230,21 +230,21 @@ class Federation:
         )
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        self._tasks.clear()
-        if self.elector is not None:
-            await self.elector.release()
-        if self.controller is not None:
-            await self.controller.close()
-        if self.exporter is not None:
-            await self.exporter.stop()
-        if self._metrics_runner is not None:
-            await self._metrics_runner.cleanup()
-            self._metrics_runner = None
+        running, self._tasks = self._tasks, []
+        try:
+            # A background loop that died with an error is a bug: it surfaces here, after the
+            # rest is shut down.
+            await tasks.cancel_and_wait(*running)
+        finally:
+            if self.elector is not None:
+                await self.elector.release()
+            if self.controller is not None:
+                await self.controller.close()
+            if self.exporter is not None:
+                await self.exporter.stop()
+            if self._metrics_runner is not None:
+                await self._metrics_runner.cleanup()
+                self._metrics_runner = None
 
     async def __aenter__(self) -> Federation:
         await self.start()
