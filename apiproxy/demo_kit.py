@@ -314,7 +314,7 @@ class SecretVolume:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the kubelet retries; so do we
-                log.warning("secret volume watch failed", secret=self.name, error=repr(exc))
+                log.warning("secret_volume_watch_failed", secret=self.name, error=repr(exc))
             await asyncio.sleep(delay)  # retry backoff after an error, not a wait for an event
             delay = min(delay * 2, 2.0)
 

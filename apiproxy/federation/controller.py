@@ -349,9 +349,9 @@ class Controller:
                 try:
                     await self.reconcile(force=force)
                 except NotLeader:
-                    log.info("lost leadership during a pass; stopped writing")
+                    log.info("leadership_lost_mid_pass")
                 except Exception as exc:  # a pass must never kill the loop
-                    log.error("reconcile pass failed", error=redact_text(str(exc)))
+                    log.error("reconcile_failed", error=redact_text(str(exc)))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self._sleep_for())
 
@@ -427,7 +427,7 @@ class Controller:
         except KubeError as exc:
             existing = None
             report.errors.append(f"reading the current artifacts: {exc}")
-            log.warning("current artifacts unreadable; nothing written", error=str(exc))
+            log.warning("artifacts_unreadable", error=str(exc))
 
         if existing is not None:
             plans = self._plan(active, existing, report)
@@ -484,13 +484,13 @@ class Controller:
             raise
         except KubeError as exc:
             report.errors.append(f"{what}: {exc}")
-            log.warning("write failed; retried next pass", what=what, error=str(exc))
+            log.warning("write_failed", what=what, error=str(exc))
             return False
         except Exception as exc:
             # A surprise (a bug, a document nobody anticipated) costs this step this pass, never
             # the other peers'. Only the error's type is reported: its text may hold data.
             report.errors.append(f"{what}: unexpected {type(exc).__name__}")
-            log.error("unexpected error; retried next pass", what=what, error=type(exc).__name__)
+            log.error("unexpected_error", what=what, error=type(exc).__name__)
             if peer is not None:
                 self._failed(peer, what, exc)
             return False
@@ -590,7 +590,7 @@ class Controller:
         if invalid:
             # Someone edited the cache: it is ignored (nothing new is derived from it, nothing
             # is removed because of it) and the next good fetch repairs it; that is now.
-            log.warning("cached metadata does not validate; refetching", peer=w.name)
+            log.warning("cached_metadata_invalid", peer=w.name)
         if not force and not invalid and time.monotonic() < state.next_fetch:
             return
         try:
@@ -598,7 +598,7 @@ class Controller:
         except Exception as exc:
             # One peer's surprise must not abort the pass for every other peer (their rotation
             # and status would stop): report it on this peer and keep its last good cache.
-            log.error("metadata exchange failed", peer=w.name, error=type(exc).__name__)
+            log.error("metadata_exchange_failed", peer=w.name, error=type(exc).__name__)
             w.set(PUBLIC, False, "FetchFailed", f"unexpected error: {type(exc).__name__}")
             ok = False
         if ok:
@@ -644,7 +644,7 @@ class Controller:
             ok = False
             self.metrics.fetch_errors.labels(w.name, "public", exc.reason).inc()
             w.set(PUBLIC, False, exc.reason, exc.message)
-            log.warning("public metadata fetch failed", peer=w.name, reason=exc.reason)
+            log.warning("metadata_fetch_failed", peer=w.name, document="public", reason=exc.reason)
         else:
             if pinned and pub.cluster_uuid != pinned:
                 ok, mismatch = False, True
@@ -654,7 +654,7 @@ class Controller:
                 )
                 self.metrics.fetch_errors.labels(w.name, "public", "ClusterUUIDMismatch").inc()
                 w.set(PUBLIC, False, "ClusterUUIDMismatch", msg)
-                log.warning("peer cluster UUID changed; refused", peer=w.name)
+                log.warning("peer_uuid_changed", peer=w.name)
             elif pub.cluster_uuid == self.identity.cluster_uuid:
                 ok = False
                 w.set(PUBLIC, False, "InvalidPublicMetadata", "the peer is this cluster itself")
@@ -700,7 +700,7 @@ class Controller:
         except MetadataError as exc:
             self.metrics.fetch_errors.labels(w.name, "private", exc.reason).inc()
             w.set(PRIVATE, False, exc.reason, exc.message)
-            log.warning("private metadata fetch failed", peer=w.name, reason=exc.reason)
+            log.warning("metadata_fetch_failed", peer=w.name, document="private", reason=exc.reason)
             return False
         cache["private"] = priv.to_dict()
         cache["privateLastFetchTimestamp"] = rfc3339()
@@ -782,7 +782,7 @@ class Controller:
             await self.kube.replace(secret_path(ns, name), desired)
         self.metrics.writes.labels("remote-secret").inc()
         report.writes.append(f"secret/{ns}/{name}")
-        log.info("remote secret written", peer=w.name, cluster_id=peer_id)
+        log.info("remote_secret_written", peer=w.name, cluster_id=peer_id)
 
     async def _sweep_remote_secrets(self, active: set[str], report: PassReport) -> None:
         ns = self.settings.istio_namespace
@@ -796,7 +796,7 @@ class Controller:
             await self.kube.delete(secret_path(ns, item["metadata"]["name"]))
             self.metrics.writes.labels("remote-secret-delete").inc()
             report.writes.append(f"delete secret/{ns}/{item['metadata']['name']}")
-            log.info("remote secret removed", peer=owner)
+            log.info("remote_secret_removed", peer=owner)
 
     async def _peers_secret(
         self, active: list[Work], plans: dict[str, Plan], report: PassReport
@@ -845,7 +845,7 @@ class Controller:
             await self.kube.replace(secret_path(ns, PEERS_SECRET), body)
         self.metrics.writes.labels("peers").inc()
         report.writes.append(f"secret/{ns}/{PEERS_SECRET}")
-        log.info("peers file written", peers=[e.name for e in entries])
+        log.info("peers_file_written", peers=[e.name for e in entries])
 
     async def _mesh_config(
         self, active: list[Work], plans: dict[str, Plan], report: PassReport
@@ -854,7 +854,7 @@ class Controller:
         cm = await self.kube.get(configmap_path(ns, MESH_CONFIGMAP))
         if cm is None:
             report.errors.append(f"configmap {ns}/{MESH_CONFIGMAP} not found; mesh trust not set")
-            log.warning("mesh ConfigMap missing", namespace=ns, name=MESH_CONFIGMAP)
+            log.warning("mesh_configmap_missing", namespace=ns, name=MESH_CONFIGMAP)
             return
         try:
             update = mesh.update(
@@ -874,7 +874,7 @@ class Controller:
         await self.kube.replace(configmap_path(ns, MESH_CONFIGMAP), body)
         self.metrics.writes.labels("mesh-config").inc()
         report.writes.append(f"configmap/{ns}/{MESH_CONFIGMAP}")
-        log.info("mesh config written", peers=update.peers, networks=update.networks)
+        log.info("mesh_config_written", peers=update.peers, networks=update.networks)
 
     def _mesh_peer(self, w: Work, plan: Plan, report: PassReport) -> mesh.MeshPeer:
         pub, priv = plan.pub, plan.priv
@@ -914,7 +914,7 @@ class Controller:
         self.peers.pop(w.name, None)
         self.registry.remove(w.name)
         report.writes.append(f"finalizer removed from {w.name}")
-        log.info("peer removed", peer=w.name)
+        log.info("peer_removed", peer=w.name)
 
     # ------------------------------------------------------------------ probe
 
@@ -958,7 +958,7 @@ class Controller:
             await self.kube.merge_patch(f"{IMC_PATH}/{w.name}/status", {"status": w.status})
         except KubeError as exc:
             report.errors.append(f"status of {w.name}: {exc}")
-            log.warning("status write failed", peer=w.name, error=str(exc))
+            log.warning("status_write_failed", peer=w.name, error=str(exc))
             return
         old_by_type = {c.get("type"): c for c in old_conditions}
         for ctype in CONDITION_TYPES:
@@ -1001,7 +1001,7 @@ class Controller:
         try:
             await self.kube.create("/api/v1/namespaces/default/events", body)
         except KubeError as exc:
-            log.warning("event not recorded", peer=w.name, error=str(exc))
+            log.warning("event_write_failed", peer=w.name, error=str(exc))
 
 
 def _same_secret(existing: Obj, desired: Obj) -> bool:

@@ -222,7 +222,7 @@ class Federation:
             self._elector_task = self._spawn(self.elector.run())
         self._spawn(self.controller.run())
         log.info(
-            "federation started",
+            "federation_started",
             cluster_uuid=self.identity.cluster_uuid,
             cluster_id=self.identity.cluster_id,
             network=self.identity.network,
@@ -381,7 +381,7 @@ class Federation:
             if ready != self._was_ready:
                 self._was_ready = ready
                 failed = [line for line in lines if line.startswith("[-]")]
-                log.info("readiness changed", ready=ready, failed=failed)
+                log.info("readiness_changed", ready=ready, failed=failed)
             lines.append("readyz check passed" if ready else "readyz check failed")
             return web.Response(status=200 if ready else 503, text="\n".join(lines) + "\n")
 
@@ -413,7 +413,7 @@ class Federation:
         try:
             entries = await read_peer_entries(self.kube, self.config.namespace)
         except KubeError as exc:
-            log.warning("peers Secret unreadable; known peers unchanged", error=str(exc))
+            log.warning("peers_secret_unreadable", error=str(exc))
             return
         self.registry.replace_all(
             {n: (e.cluster_uuid, e.jwt_public_key) for n, e in entries.items()}
@@ -464,9 +464,9 @@ class Federation:
                 raise
             except KubeError as exc:
                 if exc.status != 410:
-                    log.warning("IstioMulticluster watch failed", error=str(exc))
+                    log.warning("imc_watch_failed", error=str(exc))
             except Exception as exc:
-                log.warning("IstioMulticluster watch failed", error=type(exc).__name__)
+                log.warning("imc_watch_failed", error=type(exc).__name__)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
 

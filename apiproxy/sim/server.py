@@ -189,7 +189,7 @@ class SimAPIServer:
         scheme = "https" if self.tls else "http"
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.url = f"{scheme}://{host}:{self.port}"
-        log.info("sim.started", url=self.url)
+        log.info("sim_started", url=self.url)
 
     async def stop(self) -> None:
         if self._stopping is not None:
