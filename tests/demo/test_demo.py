@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from apiproxy import demo
 from apiproxy.errors import UserError
+from apiproxy_dev import demo
 
 STEPS = demo.TOTAL_STEPS
 POLICY = Path(__file__).resolve().parents[2] / "policies" / "istio-remote.yaml"

@@ -23,7 +23,7 @@ from kubernetes_asyncio.client import ApiClient
 from apiproxy import pki
 from apiproxy.federation.controller import PRIVATE
 from apiproxy.federation.main import Federation, FederationConfig, load_crd
-from apiproxy.sim import SimAPIServer
+from apiproxy_dev.sim import SimAPIServer
 
 FOREIGN_MESH = {
     "trustDomain": "cluster.local",

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from apiproxy.sim import SimAPIServer, Store
-from apiproxy.sim.seed import Churn, seed
+from apiproxy_dev.sim import SimAPIServer, Store
+from apiproxy_dev.sim.seed import Churn, seed
 
 
 def test_seeded_objects_are_realistic() -> None:

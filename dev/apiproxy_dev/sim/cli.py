@@ -47,9 +47,9 @@ def _parser(prog: str) -> flags.Parser:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from apiproxy.sim.seed import Churn, seed
-    from apiproxy.sim.server import SimAPIServer
-    from apiproxy.sim.store import Store
+    from apiproxy_dev.sim.seed import Churn, seed
+    from apiproxy_dev.sim.server import SimAPIServer
+    from apiproxy_dev.sim.store import Store
 
     store = Store(kube_system_uid=args.kube_system_uid)
     if args.pods:

@@ -31,10 +31,10 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from apiproxy import pki
 from apiproxy.federation.main import load_crd
 from apiproxy.log import get_logger
-from apiproxy.sim import SimAPIServer
-from apiproxy.sim.seed import Seeded, seed
+from apiproxy_dev.sim import SimAPIServer
+from apiproxy_dev.sim.seed import Seeded, seed
 
-log = get_logger("apiproxy.demo")
+log = get_logger("apiproxy_dev.demo")
 
 CLUSTER_DOMAIN = "cluster.local"
 ISTIO_NAMESPACE = "istio-system"

@@ -46,7 +46,14 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from apiproxy import flags, pki, tokens, upstream
 from apiproxy import log as applog
 from apiproxy.audit.review import render_table, summarize
-from apiproxy.demo_kit import (
+from apiproxy.errors import UserError
+from apiproxy.federation import artifacts
+from apiproxy.federation.controller import CONDITION_TYPES, FINALIZER
+from apiproxy.federation.main import LEASE_NAME, Federation, FederationConfig
+from apiproxy.policy import Policy
+from apiproxy.policy.shipped import shipped_policy
+from apiproxy.server import ProxyServer, ServeConfig
+from apiproxy_dev.demo_kit import (
     APIPROXY_NAMESPACE,
     CLUSTER_DOMAIN,
     ISTIO_NAMESPACE,
@@ -56,14 +63,7 @@ from apiproxy.demo_kit import (
     SimCluster,
     reserve_loopback_port,
 )
-from apiproxy.errors import UserError
-from apiproxy.federation import artifacts
-from apiproxy.federation.controller import CONDITION_TYPES, FINALIZER
-from apiproxy.federation.main import LEASE_NAME, Federation, FederationConfig
-from apiproxy.policy import Policy
-from apiproxy.policy.shipped import shipped_policy
-from apiproxy.server import ProxyServer, ServeConfig
-from apiproxy.sim.seed import pod as seed_pod
+from apiproxy_dev.sim.seed import pod as seed_pod
 
 TOTAL_STEPS = 12
 IMC = ("deckhouse.io", "v1alpha1", "istiomulticlusters")
