@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from apiproxy import __version__
 from apiproxy.errors import UserError
 
+DEV_PACKAGE = "apiproxy_dev"
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("apiproxy.server", "run the api-proxy: authenticate peers, enforce policy, forward"),
     "federate": (
@@ -21,8 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "policy": ("apiproxy.policy.cli", "check, explain and derive RBAC from access policies"),
     "audit": ("apiproxy.audit.cli", "summarize audit logs and suggest policy rules"),
-    "sim": ("apiproxy.sim.cli", "run the simulated Kubernetes API server (development tool)"),
-    "demo": ("apiproxy.demo", "play the two-cluster story end to end on simulated clusters"),
+    "sim": ("apiproxy_dev.sim.cli", "run the simulated Kubernetes API server (development tool)"),
+    "demo": ("apiproxy_dev.demo", "play the two-cluster story end to end on simulated clusters"),
 }
 
 
@@ -46,7 +47,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"apiproxy: error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+    except ModuleNotFoundError as exc:
+        if exc.name != DEV_PACKAGE:
+            raise
+        # sim and demo live in the apiproxy-dev distribution, absent from production installs.
+        print(
+            f"apiproxy {name}: error: a development tool, not part of this installation "
+            "(from a checkout: pip install -e ./dev)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         code: int = module.main(rest, prog=f"apiproxy {name}")
     except UserError as exc:

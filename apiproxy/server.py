@@ -16,7 +16,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -801,81 +800,96 @@ def _timeout_seconds(target: str) -> float | None:
 # -- command line -------------------------------------------------------------------------------
 
 
-def _add(p: argparse.ArgumentParser, flag: str, help_: str, **kw: Any) -> None:
-    env = flags.env_name(flag)
-    default = kw.pop("default", None)
-    value = flags.from_env(flag)
-    if value is not None:
-        default = value
-    shown = f" (env {env}" + (
-        f"; default {kw.pop('shown', default)})" if default is not None else ")"
+def build_parser(prog: str) -> flags.Parser:
+    p = flags.Parser(
+        prog=prog, description="Run the api-proxy in front of kube-apiserver.", env=True
     )
-    kw.pop("shown", None)
-    p.add_argument(flag, default=default, help=help_ + shown, **kw)
-
-
-def build_parser(prog: str) -> argparse.ArgumentParser:
-    p = flags.Parser(prog=prog, description="Run the api-proxy in front of kube-apiserver.")
-    _add(p, "--listen", "HOST:PORT to serve HTTPS on", default="0.0.0.0:4443")
-    _add(p, "--tls-cert", "serving certificate chain (PEM)")
-    _add(p, "--tls-key", "serving private key (PEM)")
-    _add(p, "--peers", "peers file (YAML)")
-    _add(p, "--cluster-uuid", "this cluster's UUID: the audience of peer tokens")
-    _add(p, "--policy", "access policy (YAML)")
-    _add(p, "--upstream", "upstream API server URL (else --kubeconfig, else in-cluster)")
-    _add(p, "--upstream-ca", "CA bundle for --upstream")
-    _add(p, "--upstream-token-file", "bearer token file for --upstream (re-read on change)")
-    _add(p, "--kubeconfig", "kubeconfig for the upstream")
-    _add(p, "--context", "kubeconfig context (default: current-context)")
-    _add(p, "--audit-log", "audit log path, or - for stdout (default: no audit log)")
-    _add(p, "--audit-max-bytes", "rotate the audit log at this size", default=str(100 * MiB))
-    _add(p, "--audit-backups", "rotated audit logs to keep", default="5")
-    _add(p, "--metrics-listen", "HOST:PORT for /healthz, /readyz, /metrics (plain HTTP)")
-    _add(p, "--max-watch-seconds", "longest watch stream the proxy keeps open", default="1800")
-    _add(p, "--max-requests-per-peer", "concurrent non-watch requests per peer", default="200")
-    _add(p, "--max-watches-per-peer", "concurrent watches per peer", default="100")
-    _add(p, "--max-body-bytes", "largest request body accepted", default=str(3 * MiB))
-    _add(p, "--upstream-timeout-seconds", "read timeout of non-watch requests", default="60")
-    _add(
-        p,
+    count, seconds = flags.number(), flags.number(float)
+    p.option(
+        "--listen", "HOST:PORT to serve HTTPS on", default="0.0.0.0:4443", type=flags.host_port
+    )
+    p.option("--tls-cert", "serving certificate chain (PEM)", type=flags.path(), required=True)
+    p.option("--tls-key", "serving private key (PEM)", type=flags.path(), required=True)
+    p.option("--peers", "peers file (YAML)", type=flags.path(), required=True)
+    p.option(
+        "--cluster-uuid",
+        "this cluster's UUID: the audience of peer tokens",
+        type=_canonical_uuid,
+        required=True,
+    )
+    p.option("--policy", "access policy (YAML)", type=flags.path(), required=True)
+    p.option("--upstream", "upstream API server URL (else --kubeconfig, else in-cluster)")
+    p.option("--upstream-ca", "CA bundle for --upstream")
+    p.option("--upstream-token-file", "bearer token file for --upstream (re-read on change)")
+    p.option("--kubeconfig", "kubeconfig for the upstream", type=flags.path())
+    p.option("--context", "kubeconfig context (default: current-context)")
+    p.option("--audit-log", "audit log path, or - for stdout (default: no audit log)")
+    p.option(
+        "--audit-max-bytes", "rotate the audit log at this size", default=str(100 * MiB), type=count
+    )
+    p.option(
+        "--audit-backups", "rotated audit logs to keep", default="5", type=flags.number(minimum=0)
+    )
+    p.option(
+        "--metrics-listen",
+        "HOST:PORT for /healthz, /readyz, /metrics (plain HTTP)",
+        type=flags.host_port,
+    )
+    p.option(
+        "--max-watch-seconds",
+        "longest watch stream the proxy keeps open",
+        default="1800",
+        type=seconds,
+    )
+    p.option(
+        "--max-requests-per-peer",
+        "concurrent non-watch requests per peer",
+        default="200",
+        type=count,
+    )
+    p.option("--max-watches-per-peer", "concurrent watches per peer", default="100", type=count)
+    p.option("--max-body-bytes", "largest request body accepted", default=str(3 * MiB), type=count)
+    p.option(
+        "--upstream-timeout-seconds",
+        "read timeout of non-watch requests",
+        default="60",
+        type=seconds,
+    )
+    p.option(
         "--upstream-max-connections",
         "upstream connections for non-watch requests (watches have their own connections)",
         default="1000",
+        type=count,
     )
-    _add(p, "--reload-interval-seconds", "how often watched files are checked", default="2")
-    _add(p, "--shutdown-grace-seconds", "time for requests to finish on SIGTERM", default="25")
-    _add(p, "--readiness-probe-interval-seconds", "upstream probe interval", default="10")
-    _add(p, "--log-format", "auto|json|console", default="auto")
-    _add(p, "--log-level", "debug|info|warning|error", default="info")
+    p.option(
+        "--reload-interval-seconds",
+        "how often watched files are checked",
+        default="2",
+        type=flags.number(float, minimum=0.05),
+    )
+    p.option(
+        "--shutdown-grace-seconds",
+        "time for requests to finish on SIGTERM",
+        default="25",
+        type=flags.number(float, minimum=0),
+    )
+    p.option(
+        "--readiness-probe-interval-seconds", "upstream probe interval", default="10", type=seconds
+    )
+    p.log_options()
     return p
 
 
-def _number(value: str, flag: str, kind: type[int] | type[float] = int, minimum: float = 1) -> Any:
+def _canonical_uuid(value: str, flag: str) -> str:
     try:
-        n = kind(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{flag}: {value!r} is not a number") from None
-    if n < minimum:
-        raise UserError(f"{flag}: must be at least {minimum}")
-    return n
+        if str(uuid.UUID(value)) != value.lower():
+            raise ValueError
+    except ValueError:
+        raise UserError(f"{flag}: {value!r} is not a canonical UUID") from None
+    return value
 
 
 def config_from_args(ns: argparse.Namespace) -> ServeConfig:
-    for flag in ("tls_cert", "tls_key", "peers", "cluster_uuid", "policy"):
-        if not getattr(ns, flag):
-            name = flag.replace("_", "-")
-            raise UserError(f"--{name} is required (or set {flags.env_name(name)})")
-    try:
-        if str(uuid.UUID(ns.cluster_uuid)) != ns.cluster_uuid.lower():
-            raise ValueError
-    except ValueError:
-        raise UserError(f"--cluster-uuid: {ns.cluster_uuid!r} is not a canonical UUID") from None
-    for flag in ("tls_cert", "tls_key", "peers", "policy"):
-        path = getattr(ns, flag)
-        if not Path(path).is_file():
-            raise UserError(f"--{flag.replace('_', '-')}: {path}: no such file")
-    if ns.log_format not in ("auto", "json", "console"):
-        raise UserError("--log-format: must be auto, json or console")
     if ns.upstream and ns.kubeconfig:
         raise UserError("--upstream and --kubeconfig are mutually exclusive")
     if (ns.upstream_ca or ns.upstream_token_file) and not ns.upstream:
@@ -888,39 +902,28 @@ def config_from_args(ns: argparse.Namespace) -> ServeConfig:
         up = upstream.from_kubeconfig(ns.kubeconfig, ns.context)
     else:
         up = upstream.in_cluster()
-    host, port = flags.host_port(ns.listen, "--listen")
     return ServeConfig(
-        tls_cert=ns.tls_cert,
-        tls_key=ns.tls_key,
-        peers=ns.peers,
+        tls_cert=str(ns.tls_cert),
+        tls_key=str(ns.tls_key),
+        peers=str(ns.peers),
         cluster_uuid=ns.cluster_uuid,
-        policy=ns.policy,
+        policy=str(ns.policy),
         upstream=up,
-        listen_host=host,
-        listen_port=port,
+        listen_host=ns.listen[0],
+        listen_port=ns.listen[1],
         audit_log=ns.audit_log or None,
-        audit_max_bytes=_number(ns.audit_max_bytes, "--audit-max-bytes"),
-        audit_backups=_number(ns.audit_backups, "--audit-backups", minimum=0),
-        metrics_listen=flags.host_port(ns.metrics_listen, "--metrics-listen")
-        if ns.metrics_listen
-        else None,
-        max_watch_seconds=_number(ns.max_watch_seconds, "--max-watch-seconds", float),
-        max_requests_per_peer=_number(ns.max_requests_per_peer, "--max-requests-per-peer"),
-        max_watches_per_peer=_number(ns.max_watches_per_peer, "--max-watches-per-peer"),
-        max_body_bytes=_number(ns.max_body_bytes, "--max-body-bytes"),
-        upstream_timeout_seconds=_number(
-            ns.upstream_timeout_seconds, "--upstream-timeout-seconds", float
-        ),
-        upstream_max_connections=_number(ns.upstream_max_connections, "--upstream-max-connections"),
-        reload_interval_seconds=_number(
-            ns.reload_interval_seconds, "--reload-interval-seconds", float, minimum=0.05
-        ),
-        shutdown_grace_seconds=_number(
-            ns.shutdown_grace_seconds, "--shutdown-grace-seconds", float, minimum=0
-        ),
-        readiness_probe_interval_seconds=_number(
-            ns.readiness_probe_interval_seconds, "--readiness-probe-interval-seconds", float
-        ),
+        audit_max_bytes=ns.audit_max_bytes,
+        audit_backups=ns.audit_backups,
+        metrics_listen=ns.metrics_listen,
+        max_watch_seconds=ns.max_watch_seconds,
+        max_requests_per_peer=ns.max_requests_per_peer,
+        max_watches_per_peer=ns.max_watches_per_peer,
+        max_body_bytes=ns.max_body_bytes,
+        upstream_timeout_seconds=ns.upstream_timeout_seconds,
+        upstream_max_connections=ns.upstream_max_connections,
+        reload_interval_seconds=ns.reload_interval_seconds,
+        shutdown_grace_seconds=ns.shutdown_grace_seconds,
+        readiness_probe_interval_seconds=ns.readiness_probe_interval_seconds,
     )
 
 

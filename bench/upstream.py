@@ -1,6 +1,6 @@
 """The benchmark's upstream: the simulated kube-apiserver in its own process, seeded with realistic
-(Istio-injected) pods by the simulator's own `apiproxy.sim.seed`, with its churn generator driven
-over stdin.
+(Istio-injected) pods by the simulator's own `apiproxy_dev.sim.seed`, with its churn generator
+driven over stdin.
 
     python -m bench.upstream --list-pods 50000 --list-split 10000
 
@@ -10,7 +10,7 @@ answers each with one JSON line:
 
     churn RATE SECONDS   update pods of namespace `churn` (RATE per second, 0 = as fast as it can),
                          each stamped with annotation bench.apiproxy.io/sent-ns = time.time_ns()
-                         (`apiproxy.sim.seed.Churn`)
+                         (`apiproxy_dev.sim.seed.Churn`)
     watchers             how many watches are open on pods (a watch whose client went away ends
                          at once: the simulator cancels its handler)
     quit                 stop
@@ -26,9 +26,9 @@ import sys
 import time
 from typing import Any
 
-from apiproxy.sim import SimAPIServer, Store
-from apiproxy.sim.seed import Churn, add_pods
-from apiproxy.sim.seed import pod as sim_pod
+from apiproxy_dev.sim import SimAPIServer, Store
+from apiproxy_dev.sim.seed import Churn, add_pods
+from apiproxy_dev.sim.seed import pod as sim_pod
 
 STAMP = "bench.apiproxy.io/sent-ns"
 SMALL_NS = "small"
@@ -38,7 +38,7 @@ LIST_LABEL = "bench.apiproxy.io/list"
 
 
 def seed(store: Store, *, list_pods: int, list_split: int, churn_pods: int) -> int:
-    """The bench's namespaces, filled by the simulator's own seeding (`apiproxy.sim.seed`):
+    """The bench's namespaces, filled by the simulator's own seeding (`apiproxy_dev.sim.seed`):
     Istio-injected pods without managedFields (~5.5 KB of JSON each)."""
     n = add_pods(store, SMALL_NS, 10, prefix="small", managed_fields=False)
     n += add_pods(store, CHURN_NS, churn_pods, prefix="churn", managed_fields=False)

@@ -14,29 +14,36 @@ from apiproxy.audit.suggest import render, suggest
 from apiproxy.errors import UserError
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: flags.Parser) -> None:
     p.add_argument(
         "files",
         nargs="+",
         metavar="FILE",
         help="audit log files (rotated and .gz files too; '-' reads stdin)",
     )
-    p.add_argument(
+    p.option(
         "--peer",
-        action="append",
-        default=[],
+        "only this peer (repeatable); 'system:anonymous' selects authentication failures",
+        repeatable=True,
         metavar="NAME",
-        help="only this peer (repeatable); 'system:anonymous' selects authentication failures",
     )
-    p.add_argument(
+    p.option(
         "--since",
+        "only requests received at or after TIME: RFC 3339, a date, or an age like 2h, 7d",
+        type=_when,
         metavar="TIME",
-        help="only requests received at or after TIME: RFC 3339, a date, or an age like 2h, 7d",
     )
-    p.add_argument("--until", metavar="TIME", help="only requests received before TIME")
+    p.option("--until", "only requests received before TIME", type=_when, metavar="TIME")
 
 
-def _parser(prog: str) -> argparse.ArgumentParser:
+def _when(value: str, flag: str) -> str:
+    try:
+        return parse_when(value)
+    except UserError as exc:
+        raise UserError(f"{flag}: {exc}") from None
+
+
+def _parser(prog: str) -> flags.Parser:
     parser = flags.Parser(prog=prog, description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     s = sub.add_parser(
@@ -44,13 +51,21 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         help="per-peer requests, refusals, errors, bytes, watch time and top refused requests",
     )
     _common(s)
-    s.add_argument(
-        "--denied",
-        action="store_true",
-        help="only refused requests (policy denials and authentication failures)",
+    s.switch("--denied", "only refused requests (policy denials and authentication failures)")
+    s.option(
+        "--output",
+        "table or json",
+        default="table",
+        type=flags.choice("table", "json"),
+        aliases=("-o",),
     )
-    s.add_argument("--output", "-o", choices=("table", "json"), default="table")
-    s.add_argument("--top", type=int, default=10, metavar="N", help="refused requests to list")
+    s.option(
+        "--top",
+        "refused requests to list",
+        default="10",
+        type=flags.number(minimum=0),
+        metavar="N",
+    )
     g = sub.add_parser(
         "suggest",
         help="policy rules that would have allowed the denied requests (for review, never applied)",
@@ -61,19 +76,20 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         help="the summary as one self-contained HTML page with charts (no network fetches)",
     )
     _common(r)
-    r.add_argument(
-        "--denied",
-        action="store_true",
-        help="only refused requests (policy denials and authentication failures)",
+    r.switch("--denied", "only refused requests (policy denials and authentication failures)")
+    r.option(
+        "--top",
+        "refused requests to list",
+        default="10",
+        type=flags.number(minimum=0),
+        metavar="N",
     )
-    r.add_argument("--top", type=int, default=10, metavar="N", help="refused requests to list")
-    r.add_argument("--html", required=True, metavar="OUT", help="write the page to OUT")
+    r.option("--html", "write the page to OUT", required=True, metavar="OUT")
     return parser
 
 
 def _filter(args: argparse.Namespace, denied_only: bool = False) -> Filter:
-    since = parse_when(args.since) if args.since else None
-    until = parse_when(args.until) if args.until else None
+    since, until = args.since, args.until
     if since and until and since >= until:
         raise UserError(f"--since ({since}) must be before --until ({until})")
     return Filter(frozenset(args.peer), since, until, denied_only)
@@ -83,8 +99,6 @@ def main(argv: list[str], prog: str) -> int:
     args = _parser(prog).parse_args(argv)
     if args.files.count("-") > 1:
         raise UserError("stdin ('-') can be given only once")
-    if args.command in ("summarize", "report") and args.top < 0:
-        raise UserError("--top must be 0 or more")
     if args.command == "report":
         report = write_report(args.files, args.html, _filter(args, args.denied), args.top)
         stats = report.summary.stats

@@ -177,7 +177,7 @@ class AuditWriter:
         except TimeoutError:
             lost = self.depth
             await cancel_and_wait(self._task)
-            log.error("audit log close timed out; records not written", records=lost)
+            log.error("audit_log_close_timed_out", records=lost)
         finally:
             await asyncio.to_thread(self._close_file)
 
@@ -230,7 +230,7 @@ class AuditWriter:
                 if not self._failing:
                     HEALTHY.set(0)
                 log.error(
-                    "audit log write failed; records kept and retried",
+                    "audit_log_write_failed",
                     target=self.target,
                     error=self.last_error,
                     errno=getattr(exc, "errno", None),
@@ -243,7 +243,7 @@ class AuditWriter:
                 delay = min(max(delay * 2, 0.01), self.retry_max)
                 continue
             if self._failing:
-                log.info("audit log writes recovered", target=self.target)
+                log.info("audit_log_write_recovered", target=self.target)
                 HEALTHY.set(1)
             self._failing = False
             delay = self.retry_initial

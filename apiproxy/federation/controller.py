@@ -36,9 +36,9 @@ import yaml
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from apiproxy import tokens
-from apiproxy.federation import artifacts
+from apiproxy.federation import artifacts, mesh, planning
 from apiproxy.federation.exporter import PeerRegistry
-from apiproxy.federation.identity import LocalIdentity, cluster_id
+from apiproxy.federation.identity import LocalIdentity
 from apiproxy.federation.kube import (
     IMC_PATH,
     Kube,
@@ -58,6 +58,12 @@ from apiproxy.federation.metadata import (
     read_capped,
     ssl_context,
 )
+from apiproxy.federation.planning import (
+    CONFLICT_REASONS,
+    UUID_CONFLICT,
+    Existing,
+    Plan,
+)
 from apiproxy.log import get_logger, redact_text
 
 log = get_logger("apiproxy.federation.controller")
@@ -70,10 +76,6 @@ CONDITION_TYPES = (PUBLIC, PRIVATE, REMOTE_API)
 # Refusals of a peer whose identity collides with ours or another peer's: istiod ignores a remote
 # secret whose cluster ID is the local one or already registered, one meshNetworks name holds one
 # network, and the api-proxy refuses a peers file with a duplicate clusterUUID.
-UUID_CONFLICT = "ClusterUUIDConflict"
-ID_CONFLICT = "ClusterIDConflict"
-NETWORK_CONFLICT = "NetworkNameConflict"
-CONFLICT_REASONS = frozenset({UUID_CONFLICT, ID_CONFLICT, NETWORK_CONFLICT})
 RECONCILE_FAILED = "ReconcileFailed"
 PEERS_SECRET = "apiproxy-peers"  # noqa: S105 - a name
 PEERS_KEY = "peers.yaml"
@@ -196,72 +198,6 @@ class PassReport:
     conditions: dict[str, dict[str, Obj]] = field(default_factory=dict)
     writes: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Plan:
-    """What one peer's artifacts are built from this pass. `pub`/`priv` None means *hold*: the
-    artifacts derived from that document are kept exactly as they are (not rewritten, not
-    removed). Only deleting the IstioMulticluster removes a peer's artifacts."""
-
-    pub: PublicMetadata | None
-    priv: PrivateMetadata | None
-    refused: str = ""  # a *Conflict reason when the peer was refused
-
-
-@dataclass
-class Existing:
-    """Who holds which identity in the artifacts written so far (read once per pass)."""
-
-    secret_ids: dict[str, set[str]] = field(default_factory=dict)  # IMC name -> cluster IDs
-    foreign_ids: dict[str, str] = field(default_factory=dict)  # cluster ID -> foreign secret
-    peer_entries: dict[str, artifacts.PeerEntry] = field(default_factory=dict)
-    net_owners: dict[str, str] = field(default_factory=dict)  # IMC name -> network
-
-
-def _json_map(text: str | None) -> dict[str, str] | None:
-    """An owner annotation: {"<IMC name>": "<value>"}; None when absent or not such a map."""
-    if not text:
-        return None
-    try:
-        doc = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(doc, dict):
-        return None
-    return {str(k): v for k, v in doc.items() if isinstance(v, str)}
-
-
-def _json_list(text: str | None) -> set[str]:
-    try:
-        doc = json.loads(text or "[]")
-    except ValueError:
-        return set()
-    return {str(v) for v in doc} if isinstance(doc, list) else set()
-
-
-def mesh_owners(cm: Obj | None) -> tuple[dict[str, str] | None, dict[str, str]]:
-    """(CA digest by peer or None when never recorded, network by peer) of the istio ConfigMap.
-    Networks written before the owner annotation existed are attributed by their
-    `fromRegistry: <IMC name>` endpoint."""
-    if cm is None:
-        return None, {}
-    annotations = (cm.get("metadata") or {}).get("annotations") or {}
-    ca = _json_map(annotations.get(artifacts.CA_OWNERS_ANNOTATION))
-    nets = _json_map(annotations.get(artifacts.NETWORK_OWNERS_ANNOTATION))
-    if nets is None:
-        nets = {}
-        try:
-            doc = yaml.safe_load(((cm.get("data") or {}).get("meshNetworks")) or "") or {}
-        except yaml.YAMLError:
-            doc = {}
-        networks = doc.get("networks") if isinstance(doc, dict) else None
-        for name in sorted(_json_list(annotations.get(artifacts.OWNED_NETWORKS_ANNOTATION))):
-            entry = networks.get(name) if isinstance(networks, dict) else None
-            for ep in (entry.get("endpoints") if isinstance(entry, dict) else None) or []:
-                if isinstance(ep, dict) and isinstance(ep.get("fromRegistry"), str):
-                    nets.setdefault(ep["fromRegistry"], name)
-    return ca, nets
 
 
 @dataclass
@@ -431,9 +367,9 @@ class Controller:
                 try:
                     await self.reconcile(force=force)
                 except NotLeader:
-                    log.info("lost leadership during a pass; stopped writing")
+                    log.info("leadership_lost_mid_pass")
                 except Exception as exc:  # a pass must never kill the loop
-                    log.error("reconcile pass failed", error=redact_text(str(exc)))
+                    log.error("reconcile_failed", error=redact_text(str(exc)))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self._sleep_for())
 
@@ -510,7 +446,7 @@ class Controller:
         except KubeError as exc:
             existing = None
             report.errors.append(f"reading the current artifacts: {exc}")
-            log.warning("current artifacts unreadable; nothing written", error=str(exc))
+            log.warning("artifacts_unreadable", error=str(exc))
 
         if existing is not None:
             plans = self._plan(active, existing, report)
@@ -567,13 +503,13 @@ class Controller:
             raise
         except KubeError as exc:
             report.errors.append(f"{what}: {exc}")
-            log.warning("write failed; retried next pass", what=what, error=str(exc))
+            log.warning("write_failed", what=what, error=str(exc))
             return False
         except Exception as exc:
             # A surprise (a bug, a document nobody anticipated) costs this step this pass, never
             # the other peers'. Only the error's type is reported: its text may hold data.
             report.errors.append(f"{what}: unexpected {type(exc).__name__}")
-            log.error("unexpected error; retried next pass", what=what, error=type(exc).__name__)
+            log.error("unexpected_error", what=what, error=type(exc).__name__)
             if peer is not None:
                 self._failed(peer, what, exc)
             return False
@@ -605,81 +541,34 @@ class Controller:
                 for cid in ids:
                     ex.foreign_ids.setdefault(cid, str(meta.get("name")))
         ex.peer_entries = await read_peer_entries(self.kube, self.settings.namespace)
-        _ca, ex.net_owners = mesh_owners(await self.kube.get(configmap_path(ns, MESH_CONFIGMAP)))
+        _ca, ex.net_owners = mesh.owners(await self.kube.get(configmap_path(ns, MESH_CONFIGMAP)))
         return ex
 
     # ------------------------------------------------------------------ plan
 
     def _plan(self, active: list[Work], ex: Existing, report: PassReport) -> dict[str, Plan]:
-        """Each peer's documents for this pass, after refusing identity collisions.
-
-        A cached document that does not validate is treated as absent: its artifacts are held.
-        A cluster UUID, cluster ID or (for peers with ingress gateways) network name claimed by
-        two peers goes to the peer whose artifacts already hold it, else to the oldest object
-        (creationTimestamp, then name); one that is this cluster's own, or (cluster ID) that a
-        remote secret not managed by us registers, goes to nobody. Every other claimant is
-        refused: its existing artifacts are held, none are written for it.
-        """
-        plans: dict[str, Plan] = {}
-        for w in active:
-            pub = w.public()
-            plans[w.name] = Plan(pub, w.private() if pub is not None else None)
-        claims: dict[tuple[str, str], set[str]] = {}
-
-        def claim(kind: str, value: str | None, name: str) -> None:
-            if value:
-                claims.setdefault((kind, value), set()).add(name)
-
-        for w in active:
-            p, entry = plans[w.name], ex.peer_entries.get(w.name)
-            gateways = bool(w.spec.get("enableIngressGateway", True))
-            # A peer on hold still claims what its artifacts hold, so nobody takes it over.
-            held_uuid = entry.cluster_uuid if entry is not None else None
-            claim(UUID_CONFLICT, p.pub.cluster_uuid if p.pub else held_uuid, w.name)
-            if p.pub is not None and p.priv is not None:
-                claim(ID_CONFLICT, self._peer_cluster_id(p.pub, p.priv), w.name)
-                if gateways:
-                    claim(NETWORK_CONFLICT, p.priv.network_name, w.name)
-            else:
-                for cid in ex.secret_ids.get(w.name, ()):
-                    claim(ID_CONFLICT, cid, w.name)
-                if gateways:
-                    claim(NETWORK_CONFLICT, ex.net_owners.get(w.name), w.name)
-
-        def holds(kind: str, value: str, name: str) -> bool:
-            if kind == UUID_CONFLICT:
-                entry = ex.peer_entries.get(name)
-                return entry is not None and entry.cluster_uuid == value
-            if kind == ID_CONFLICT:
-                return value in ex.secret_ids.get(name, set())
-            return ex.net_owners.get(name) == value
-
+        """Each peer's documents for this pass (`planning.plan`); refusals set conditions."""
         assert self.identity is not None
-        local = {
-            UUID_CONFLICT: self.identity.cluster_uuid,
-            ID_CONFLICT: self.identity.cluster_id,
-            NETWORK_CONFLICT: self.identity.network,
-        }
+        peers = [
+            planning.Peer(
+                name=w.name,
+                created=str(w.obj["metadata"].get("creationTimestamp") or ""),
+                pub=w.public(),
+                priv=w.private(),
+                gateways=bool(w.spec.get("enableIngressGateway", True)),
+            )
+            for w in active
+        ]
+        plans, refusals = planning.plan(peers, ex, self.identity)
         by_name = {w.name: w for w in active}
-
-        def age(name: str) -> tuple[str, str]:
-            return str(by_name[name].obj["metadata"].get("creationTimestamp") or ""), name
-
-        for (kind, value), names in sorted(claims.items()):
-            ordered = sorted(names, key=age)
-            if value == local[kind]:
-                losers, other = ordered, "this cluster's own"
-            elif kind == ID_CONFLICT and value in ex.foreign_ids:
-                losers = ordered
-                other = f"registered by secret {ex.foreign_ids[value]} (not managed by apiproxy)"
-            elif len(ordered) > 1:
-                winner = next((n for n in ordered if holds(kind, value, n)), ordered[0])
-                losers = [n for n in ordered if n != winner]
-                other = f'already used by IstioMulticluster "{winner}"'
-            else:
-                continue
-            for name in losers:
-                self._refuse(by_name[name], plans[name], kind, value, other, report)
+        for r in refusals:
+            w = by_name[r.peer]
+            if r.kind == UUID_CONFLICT:
+                w.set(PUBLIC, False, r.kind, r.message)
+            w.set(PRIVATE, False, r.kind, r.message)
+            self.metrics.refusals.labels(r.peer, r.kind).inc()
+            report.errors.append(f"{r.peer}: {r.kind}: {r.what} {r.value} is {r.other}")
+            log.warning("peer_refused", peer=r.peer, reason=r.kind, value=r.value, other=r.other)
 
         # A refusal or failed build left a condition behind: it recovers as soon as the peer's
         # cached documents are usable again, without waiting for the next fetch.
@@ -694,28 +583,6 @@ class Controller:
                 ):
                     w.set(ctype, True, "Fetched", "cached metadata valid; the conflict is resolved")
         return plans
-
-    def _refuse(
-        self, w: Work, plan: Plan, kind: str, value: str, other: str, report: PassReport
-    ) -> None:
-        if plan.refused:
-            return  # one reason per pass is enough
-        plan.pub, plan.priv, plan.refused = None, None, kind
-        what = {
-            UUID_CONFLICT: "cluster UUID",
-            ID_CONFLICT: "cluster ID",
-            NETWORK_CONFLICT: "network name",
-        }[kind]
-        message = (
-            f"{what} {value} is {other}; refused: this peer's existing artifacts are kept "
-            "and no new ones are written until the conflict is resolved"
-        )
-        if kind == UUID_CONFLICT:
-            w.set(PUBLIC, False, kind, message)
-        w.set(PRIVATE, False, kind, message)
-        self.metrics.refusals.labels(w.name, kind).inc()
-        report.errors.append(f"{w.name}: {kind}: {what} {value} is {other}")
-        log.warning("peer refused", peer=w.name, reason=kind, value=value, other=other)
 
     # ------------------------------------------------------------------ exchange
 
@@ -742,7 +609,7 @@ class Controller:
         if invalid:
             # Someone edited the cache: it is ignored (nothing new is derived from it, nothing
             # is removed because of it) and the next good fetch repairs it; that is now.
-            log.warning("cached metadata does not validate; refetching", peer=w.name)
+            log.warning("cached_metadata_invalid", peer=w.name)
         if not force and not invalid and time.monotonic() < state.next_fetch:
             return
         try:
@@ -750,7 +617,7 @@ class Controller:
         except Exception as exc:
             # One peer's surprise must not abort the pass for every other peer (their rotation
             # and status would stop): report it on this peer and keep its last good cache.
-            log.error("metadata exchange failed", peer=w.name, error=type(exc).__name__)
+            log.error("metadata_exchange_failed", peer=w.name, error=type(exc).__name__)
             w.set(PUBLIC, False, "FetchFailed", f"unexpected error: {type(exc).__name__}")
             ok = False
         if ok:
@@ -796,7 +663,7 @@ class Controller:
             ok = False
             self.metrics.fetch_errors.labels(w.name, "public", exc.reason).inc()
             w.set(PUBLIC, False, exc.reason, exc.message)
-            log.warning("public metadata fetch failed", peer=w.name, reason=exc.reason)
+            log.warning("metadata_fetch_failed", peer=w.name, document="public", reason=exc.reason)
         else:
             if pinned and pub.cluster_uuid != pinned:
                 ok, mismatch = False, True
@@ -806,7 +673,7 @@ class Controller:
                 )
                 self.metrics.fetch_errors.labels(w.name, "public", "ClusterUUIDMismatch").inc()
                 w.set(PUBLIC, False, "ClusterUUIDMismatch", msg)
-                log.warning("peer cluster UUID changed; refused", peer=w.name)
+                log.warning("peer_uuid_changed", peer=w.name)
             elif pub.cluster_uuid == self.identity.cluster_uuid:
                 ok = False
                 w.set(PUBLIC, False, "InvalidPublicMetadata", "the peer is this cluster itself")
@@ -852,7 +719,7 @@ class Controller:
         except MetadataError as exc:
             self.metrics.fetch_errors.labels(w.name, "private", exc.reason).inc()
             w.set(PRIVATE, False, exc.reason, exc.message)
-            log.warning("private metadata fetch failed", peer=w.name, reason=exc.reason)
+            log.warning("metadata_fetch_failed", peer=w.name, document="private", reason=exc.reason)
             return False
         cache["private"] = priv.to_dict()
         cache["privateLastFetchTimestamp"] = rfc3339()
@@ -862,8 +729,7 @@ class Controller:
     # ------------------------------------------------------------------ artifacts
 
     def _peer_cluster_id(self, pub: PublicMetadata, priv: PrivateMetadata) -> str:
-        # Recent peers publish clusterID; older ones share our cluster domain (same mesh).
-        return priv.cluster_id or cluster_id(self.settings.cluster_domain, pub.cluster_uuid)
+        return planning.peer_cluster_id(pub, priv, self.settings.cluster_domain)
 
     async def _remote_secret(self, w: Work, plan: Plan, report: PassReport) -> None:
         pub, priv = plan.pub, plan.priv
@@ -933,7 +799,7 @@ class Controller:
                 await self.kube.replace(secret_path(ns, name), desired)
             self.metrics.writes.labels("remote-secret").inc()
             report.writes.append(f"secret/{ns}/{name}")
-            log.info("remote secret written", peer=w.name, cluster_id=peer_id)
+            log.info("remote_secret_written", peer=w.name, cluster_id=peer_id)
         # Only what istiod can read now: a rotation whose write failed must not look done.
         self.metrics.credential_expiry.labels(w.name).set(creds.expires_at)
         self.metrics.credential_rotation_due.labels(w.name).set(state.next_rotation)
@@ -950,7 +816,7 @@ class Controller:
             await self.kube.delete(secret_path(ns, item["metadata"]["name"]))
             self.metrics.writes.labels("remote-secret-delete").inc()
             report.writes.append(f"delete secret/{ns}/{item['metadata']['name']}")
-            log.info("remote secret removed", peer=owner)
+            log.info("remote_secret_removed", peer=owner)
 
     async def _peers_secret(
         self, active: list[Work], plans: dict[str, Plan], report: PassReport
@@ -999,7 +865,7 @@ class Controller:
             await self.kube.replace(secret_path(ns, PEERS_SECRET), body)
         self.metrics.writes.labels("peers").inc()
         report.writes.append(f"secret/{ns}/{PEERS_SECRET}")
-        log.info("peers file written", peers=[e.name for e in entries])
+        log.info("peers_file_written", peers=[e.name for e in entries])
 
     async def _mesh_config(
         self, active: list[Work], plans: dict[str, Plan], report: PassReport
@@ -1008,106 +874,47 @@ class Controller:
         cm = await self.kube.get(configmap_path(ns, MESH_CONFIGMAP))
         if cm is None:
             report.errors.append(f"configmap {ns}/{MESH_CONFIGMAP} not found; mesh trust not set")
-            log.warning("mesh ConfigMap missing", namespace=ns, name=MESH_CONFIGMAP)
+            log.warning("mesh_configmap_missing", namespace=ns, name=MESH_CONFIGMAP)
             return
-        data = dict(cm.get("data") or {})
-        annotations = dict(cm["metadata"].get("annotations") or {})
         try:
-            mesh = yaml.safe_load(data.get("mesh") or "") or {}
-            networks_doc = yaml.safe_load(data.get("meshNetworks") or "") or {}
-        except yaml.YAMLError:
-            report.errors.append(f"configmap {ns}/{MESH_CONFIGMAP}: mesh YAML does not parse")
+            update = mesh.update(
+                cm,
+                [self._mesh_peer(w, plans[w.name], report) for w in active],
+                self.settings.cluster_domain,
+            )
+        except mesh.MeshConfigError as exc:
+            report.errors.append(f"configmap {ns}/{MESH_CONFIGMAP}: {exc}")
             return
-        if not isinstance(mesh, dict) or not isinstance(networks_doc, dict):
-            report.errors.append(f"configmap {ns}/{MESH_CONFIGMAP}: mesh is not a mapping")
-            return
-        owned_ca = _json_list(annotations.get(artifacts.OWNED_CA_ANNOTATION))
-        owned_nets = _json_list(annotations.get(artifacts.OWNED_NETWORKS_ANNOTATION))
-        old_ca_owners, old_net_owners = mesh_owners(cm)
-        ca_desired: dict[str, tuple[str, list[str]]] = {}
-        net_desired: list[artifacts.NetworkSpec] = []
-        ca_owners: dict[str, str] = {}
-        net_owners: dict[str, str] = {}
-        keep_ca: set[str] = set()
-        keep_nets: set[str] = set()
-        unattributed_hold = False
-        for w in active:
-            pub, priv = plans[w.name].pub, plans[w.name].priv
-            digest: str | None = None
-            if pub is not None:
-                try:
-                    digest = artifacts.pem_digest(pub.root_ca)
-                except Exception as exc:  # this peer's entry is held, the others go on
-                    self._failed(w, "mesh trust", exc)
-                    report.errors.append(f"mesh trust of {w.name}: {type(exc).__name__}")
-            if pub is not None and digest is not None:
-                ca_desired[w.name] = (pub.root_ca, [self.settings.cluster_domain])
-                ca_owners[w.name] = digest
-            elif old_ca_owners is None:
-                # Written before owners were recorded: which root is this peer's is unknown, so
-                # every root we own stays until the peer is usable again.
-                keep_ca |= owned_ca
-                unattributed_hold = True
-            elif w.name in old_ca_owners:
-                keep_ca.add(old_ca_owners[w.name])
-                ca_owners[w.name] = old_ca_owners[w.name]
-            if not w.spec.get("enableIngressGateway", True):
-                continue  # the spec says no network: removed, whatever the documents
-            if pub is not None and priv is not None:
-                net_desired.append(
-                    artifacts.NetworkSpec(
-                        network=priv.network_name,
-                        registries=(self._peer_cluster_id(pub, priv), w.name),
-                        gateways=priv.ingress_gateways,
-                    )
-                )
-                net_owners.setdefault(w.name, priv.network_name)
-            elif w.name in old_net_owners:
-                keep_nets.add(old_net_owners[w.name])
-                net_owners[w.name] = old_net_owners[w.name]
-        new_mesh, new_owned_ca = artifacts.merge_ca_certificates(
-            mesh, ca_desired, owned_ca, keep_ca
-        )
-        new_nets, new_owned_nets = artifacts.merge_mesh_networks(
-            networks_doc, net_desired, owned_nets, keep_nets
-        )
-        ca_owners = {n: d for n, d in ca_owners.items() if d in new_owned_ca}
-        claimed: set[str] = set()
-        for n in sorted(net_owners, key=lambda n: (net_owners[n] not in keep_nets, n)):
-            if net_owners[n] in new_owned_nets and net_owners[n] not in claimed:
-                claimed.add(net_owners[n])
-            else:
-                net_owners.pop(n)
-        new_data = dict(data)
-        if new_mesh != mesh:
-            new_data["mesh"] = artifacts.dump_yaml(new_mesh)
-        if new_nets != networks_doc and ("meshNetworks" in data or new_owned_nets):
-            new_data["meshNetworks"] = artifacts.dump_yaml(new_nets)
-        new_ann = dict(annotations)
-        new_ann[artifacts.OWNED_CA_ANNOTATION] = json.dumps(sorted(new_owned_ca))
-        new_ann[artifacts.OWNED_NETWORKS_ANNOTATION] = json.dumps(sorted(new_owned_nets))
-        if not new_owned_ca and artifacts.OWNED_CA_ANNOTATION not in annotations:
-            new_ann.pop(artifacts.OWNED_CA_ANNOTATION)
-        if not new_owned_nets and artifacts.OWNED_NETWORKS_ANNOTATION not in annotations:
-            new_ann.pop(artifacts.OWNED_NETWORKS_ANNOTATION)
-        for key, owners in (
-            (artifacts.CA_OWNERS_ANNOTATION, ca_owners),
-            (artifacts.NETWORK_OWNERS_ANNOTATION, net_owners),
-        ):
-            if key == artifacts.CA_OWNERS_ANNOTATION and unattributed_hold:
-                continue  # stays unrecorded until every held root can be attributed
-            if owners or key in annotations:
-                new_ann[key] = json.dumps(owners, sort_keys=True)
-        if new_data == data and new_ann == annotations:
+        if update is None:
             return
         self._check_writer()
         body = copy.deepcopy(cm)
-        body["data"] = new_data
-        body["metadata"]["annotations"] = new_ann
+        body["data"] = update.data
+        body["metadata"]["annotations"] = update.annotations
         await self.kube.replace(configmap_path(ns, MESH_CONFIGMAP), body)
         self.metrics.writes.labels("mesh-config").inc()
         report.writes.append(f"configmap/{ns}/{MESH_CONFIGMAP}")
-        log.info("mesh config written", peers=sorted(ca_desired), networks=sorted(new_owned_nets))
+        log.info("mesh_config_written", peers=update.peers, networks=update.networks)
+
+    def _mesh_peer(self, w: Work, plan: Plan, report: PassReport) -> mesh.MeshPeer:
+        pub, priv = plan.pub, plan.priv
+        ca: tuple[str, str] | None = None
+        if pub is not None:
+            try:
+                ca = (pub.root_ca, artifacts.pem_digest(pub.root_ca))
+            except Exception as exc:  # this peer's root is held, the others go on
+                self._failed(w, "mesh trust", exc)
+                report.errors.append(f"mesh trust of {w.name}: {type(exc).__name__}")
+        network = None
+        if pub is not None and priv is not None:
+            network = artifacts.NetworkSpec(
+                network=priv.network_name,
+                registries=(self._peer_cluster_id(pub, priv), w.name),
+                gateways=priv.ingress_gateways,
+            )
+        return mesh.MeshPeer(
+            w.name, ca, network, gateways=bool(w.spec.get("enableIngressGateway", True))
+        )
 
     async def _drop_finalizer(self, w: Work, report: PassReport) -> None:
         finalizers = list(w.obj["metadata"].get("finalizers") or [])
@@ -1128,7 +935,7 @@ class Controller:
         self.registry.remove(w.name)
         self.metrics.forget_peer(w.name)
         report.writes.append(f"finalizer removed from {w.name}")
-        log.info("peer removed", peer=w.name)
+        log.info("peer_removed", peer=w.name)
 
     # ------------------------------------------------------------------ probe
 
@@ -1172,7 +979,7 @@ class Controller:
             await self.kube.merge_patch(f"{IMC_PATH}/{w.name}/status", {"status": w.status})
         except KubeError as exc:
             report.errors.append(f"status of {w.name}: {exc}")
-            log.warning("status write failed", peer=w.name, error=str(exc))
+            log.warning("status_write_failed", peer=w.name, error=str(exc))
             return
         old_by_type = {c.get("type"): c for c in old_conditions}
         for ctype in CONDITION_TYPES:
@@ -1215,7 +1022,7 @@ class Controller:
         try:
             await self.kube.create("/api/v1/namespaces/default/events", body)
         except KubeError as exc:
-            log.warning("event not recorded", peer=w.name, error=str(exc))
+            log.warning("event_write_failed", peer=w.name, error=str(exc))
 
 
 def _same_secret(existing: Obj, desired: Obj) -> bool:

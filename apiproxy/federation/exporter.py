@@ -130,7 +130,7 @@ class Exporter:
         try:
             return await self.roots.get()
         except KubeError as exc:
-            log.warning("root CA unavailable", error=str(exc))
+            log.warning("root_ca_unavailable", error=str(exc))
             return None
 
     async def public_document(self) -> dict[str, Any] | None:
@@ -169,14 +169,14 @@ class Exporter:
                 key_for_subject=self.registry.key_for,
             )
         except tokens.TokenError as exc:
-            log.info("private metadata refused", reason=exc.reason, peer=request.remote)
+            log.info("private_metadata_refused", reason=exc.reason, peer=request.remote)
             return _auth_error(exc.reason)
         try:
             gateways = await self.gateways.get()
         except KubeError as exc:
-            log.warning("gateway discovery failed", error=str(exc))
+            log.warning("gateway_discovery_failed", error=str(exc))
             return web.Response(status=503, text="ingress gateway discovery failed")
-        log.info("private metadata served", subject=claims.subject)
+        log.info("private_metadata_served", subject=claims.subject)
         return web.json_response(
             {
                 "clusterUUID": self.identity.cluster_uuid,

@@ -92,7 +92,7 @@ class GatewaySource:
             self._at = now
             self._report("served_last_good")
             log.warning(
-                "gateway discovery failed; serving the last good list",
+                "gateway_discovery_failed",
                 error=str(exc),
                 gateways=len(self._cache),
             )

@@ -86,7 +86,7 @@ class LeaderElector:
     def _set_leading(self, value: bool) -> None:
         if value != self._leading:
             self._leading = value
-            log.info("leadership changed", identity=self.identity, leading=value)
+            log.info("leadership_changed", identity=self.identity, leading=value)
             self.changed.set()
             if self.on_change is not None:
                 self.on_change(value)
@@ -138,10 +138,10 @@ class LeaderElector:
             updated = await self.kube.replace(path, body, timeout=self._timeout)
         except KubeError as exc:
             if exc.status != 409:
-                log.warning("lease update failed", error=str(exc))
+                log.warning("lease_update_failed", error=str(exc))
             return False
         except (TimeoutError, OSError) as exc:
-            log.warning("lease update failed", error=type(exc).__name__)
+            log.warning("lease_update_failed", error=type(exc).__name__)
             return False
         self._observe(updated.get("spec") or {}, started)
         self._valid_until = started + self.renew_deadline
@@ -163,7 +163,7 @@ class LeaderElector:
                 try:
                     ok = await self.try_acquire_or_renew()
                 except Exception as exc:  # never let one odd failure end the election loop
-                    log.warning("lease update failed", error=type(exc).__name__)
+                    log.warning("lease_update_failed", error=type(exc).__name__)
                     ok = False
                 if ok:
                     self._set_leading(True)
@@ -204,4 +204,4 @@ class LeaderElector:
             body["spec"] = spec
             await self.kube.replace(path, body, timeout=self._timeout)
         except (TimeoutError, KubeError, OSError) as exc:
-            log.warning("lease release failed", error=str(exc))
+            log.warning("lease_release_failed", error=str(exc))

@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import re
 import signal
 import socket
 import ssl
@@ -23,7 +22,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -33,7 +31,7 @@ from kubernetes_asyncio.client import ApiClient
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from apiproxy import flags
+from apiproxy import flags, tasks
 from apiproxy import log as applog
 from apiproxy.errors import UserError
 from apiproxy.federation.controller import (
@@ -62,27 +60,6 @@ def load_crd() -> dict[str, Any]:
     doc = yaml.safe_load(text)
     assert isinstance(doc, dict)
     return doc
-
-
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
-
-
-def parse_duration(text: str) -> float:
-    """`24h`, `90s`, `1h30m`, `500ms` or plain seconds."""
-    text = text.strip()
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    pos, total = 0, 0.0
-    for m in _DURATION.finditer(text):
-        if m.start() != pos:
-            break
-        total += float(m.group(1)) * {"h": 3600, "m": 60, "s": 1, "ms": 0.001}[m.group(2)]
-        pos = m.end()
-    if pos != len(text) or not text:
-        raise UserError(f"invalid duration {text!r} (use e.g. 24h, 90s, 1h30m)")
-    return total
 
 
 def parse_listen(text: str, flag: str) -> tuple[str, int]:
@@ -245,7 +222,7 @@ class Federation:
             self._elector_task = self._spawn(self.elector.run())
         self._spawn(self.controller.run())
         log.info(
-            "federation started",
+            "federation_started",
             cluster_uuid=self.identity.cluster_uuid,
             cluster_id=self.identity.cluster_id,
             network=self.identity.network,
@@ -253,21 +230,21 @@ class Federation:
         )
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        self._tasks.clear()
-        if self.elector is not None:
-            await self.elector.release()
-        if self.controller is not None:
-            await self.controller.close()
-        if self.exporter is not None:
-            await self.exporter.stop()
-        if self._metrics_runner is not None:
-            await self._metrics_runner.cleanup()
-            self._metrics_runner = None
+        running, self._tasks = self._tasks, []
+        try:
+            # A background loop that died with an error is a bug: it surfaces here, after the
+            # rest is shut down.
+            await tasks.cancel_and_wait(*running)
+        finally:
+            if self.elector is not None:
+                await self.elector.release()
+            if self.controller is not None:
+                await self.controller.close()
+            if self.exporter is not None:
+                await self.exporter.stop()
+            if self._metrics_runner is not None:
+                await self._metrics_runner.cleanup()
+                self._metrics_runner = None
 
     async def __aenter__(self) -> Federation:
         await self.start()
@@ -404,7 +381,7 @@ class Federation:
             if ready != self._was_ready:
                 self._was_ready = ready
                 failed = [line for line in lines if line.startswith("[-]")]
-                log.info("readiness changed", ready=ready, failed=failed)
+                log.info("readiness_changed", ready=ready, failed=failed)
             lines.append("readyz check passed" if ready else "readyz check failed")
             return web.Response(status=200 if ready else 503, text="\n".join(lines) + "\n")
 
@@ -436,7 +413,7 @@ class Federation:
         try:
             entries = await read_peer_entries(self.kube, self.config.namespace)
         except KubeError as exc:
-            log.warning("peers Secret unreadable; known peers unchanged", error=str(exc))
+            log.warning("peers_secret_unreadable", error=str(exc))
             return
         self.registry.replace_all(
             {n: (e.cluster_uuid, e.jwt_public_key) for n, e in entries.items()}
@@ -487,9 +464,9 @@ class Federation:
                 raise
             except KubeError as exc:
                 if exc.status != 410:
-                    log.warning("IstioMulticluster watch failed", error=str(exc))
+                    log.warning("imc_watch_failed", error=str(exc))
             except Exception as exc:
-                log.warning("IstioMulticluster watch failed", error=type(exc).__name__)
+                log.warning("imc_watch_failed", error=type(exc).__name__)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
 
@@ -497,48 +474,52 @@ class Federation:
 # ---------------------------------------------------------------------- CLI
 
 
-def _parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def _parser(prog: str) -> flags.Parser:
+    p = flags.Parser(
         prog=prog,
-        description="Run the IstioMulticluster federation controller and metadata exporter. "
-        "Every flag can also be set by an APIPROXY_* environment variable "
-        "(e.g. APIPROXY_CLUSTER_DOMAIN).",
+        description="Run the IstioMulticluster federation controller and metadata exporter.",
+        env=True,
     )
-
-    def opt(flag: str, **kw: Any) -> None:
-        env = flags.from_env(flag)
-        if env is not None:
-            if kw.get("action") == "append":
-                kw["default"] = [v.strip() for v in env.split(",") if v.strip()]
-            else:
-                kw["default"] = env
-            kw.pop("required", None)
-        p.add_argument(f"--{flag}", **kw)
-
-    opt("cluster-domain", required=True, help="the cluster domain, e.g. cluster.local")
-    opt("namespace", default="apiproxy-system", help="namespace of apiproxy's Secrets and Lease")
-    opt("istio-namespace", default="istio-system", help="istiod's namespace")
-    opt("api-host", required=True, help="HOST[:PORT] where peers reach our api-proxy")
-    opt("network-name", default="", help="our network (default network-<clusterID>)")
-    opt("exporter-listen", default="0.0.0.0:8443", help="metadata exporter HOST:PORT")
-    opt("exporter-tls-cert", default=None, help="serve the exporter over HTTPS with this cert")
-    opt("exporter-tls-key", default=None, help="... and this key")
-    opt("ingress-gateway-service", default=None, help="east-west gateway Service NS/NAME")
-    opt("ingress-gateway", action="append", default=[], help="advertise ADDR:PORT (repeatable)")
-    opt("kubeconfig", default=None, help="kubeconfig file (default: in-cluster, then ~/.kube)")
-    opt("context", default=None, help="kubeconfig context")
-    opt("credential-ttl", default="24h", help="lifetime of peer credentials (rotated at 2/3)")
-    opt("resync-interval", default="60s", help="how often peers are re-fetched")
-    opt("metrics-listen", default=None, help="Prometheus metrics HOST:PORT")
-    p.add_argument(
+    p.option("--cluster-domain", "the cluster domain, e.g. cluster.local", required=True)
+    p.option("--namespace", "namespace of apiproxy's Secrets and Lease", default="apiproxy-system")
+    p.option("--istio-namespace", "istiod's namespace", default="istio-system")
+    p.option("--api-host", "HOST[:PORT] where peers reach our api-proxy", required=True)
+    p.option("--network-name", "our network (default network-<clusterID>)", default="")
+    p.option("--exporter-listen", "metadata exporter HOST:PORT", default="0.0.0.0:8443")
+    p.option("--exporter-tls-cert", "serve the exporter over HTTPS with this cert")
+    p.option("--exporter-tls-key", "... and this key")
+    p.option("--ingress-gateway-service", "east-west gateway Service NS/NAME")
+    p.option("--ingress-gateway", "advertise ADDR:PORT (comma-separated in env)", repeatable=True)
+    p.option(
+        "--kubeconfig",
+        "kubeconfig file (default: in-cluster, then ~/.kube)",
+        type=flags.path(),
+    )
+    p.option("--context", "kubeconfig context")
+    p.option(
+        "--credential-ttl",
+        "lifetime of peer credentials (rotated at 2/3)",
+        default="24h",
+        type=flags.duration(minimum=2),
+    )
+    p.option(
+        "--resync-interval",
+        "how often peers are re-fetched",
+        default="60s",
+        type=flags.duration(minimum=0.001),
+    )
+    p.option("--metrics-listen", "Prometheus metrics HOST:PORT")
+    p.switch(
         "--leader-elect",
-        action=argparse.BooleanOptionalAction,
-        default=flags.env_bool("leader-elect", default=True),
-        help="elect a leader through the apiproxy-federation Lease (default on)",
+        "elect a leader through the apiproxy-federation Lease",
+        default=True,
     )
-    opt("identity", default=os.environ.get("POD_NAME") or socket.gethostname())
-    opt("log-format", default="auto", choices=["auto", "json", "console"])
-    opt("log-level", default="info")
+    p.option(
+        "--identity",
+        "this replica's name in the Lease",
+        default=os.environ.get("POD_NAME") or socket.gethostname(),
+    )
+    p.log_options()
     return p
 
 
@@ -553,9 +534,9 @@ def config_from_args(args: argparse.Namespace) -> FederationConfig:
         exporter_tls_cert=args.exporter_tls_cert,
         exporter_tls_key=args.exporter_tls_key,
         ingress_gateway_service=args.ingress_gateway_service,
-        ingress_gateways=list(args.ingress_gateway or []),
-        credential_ttl=parse_duration(args.credential_ttl),
-        resync_interval=parse_duration(args.resync_interval),
+        ingress_gateways=list(args.ingress_gateway),
+        credential_ttl=args.credential_ttl,
+        resync_interval=args.resync_interval,
         metrics_listen=args.metrics_listen,
         leader_elect=bool(args.leader_elect),
         identity=args.identity,
@@ -602,7 +583,6 @@ def main(argv: Sequence[str], prog: str = "apiproxy federate") -> int:
     args = _parser(prog).parse_args(list(argv))
     cfg = config_from_args(args)
     cfg.validate()
-    if args.kubeconfig and not Path(args.kubeconfig).is_file():
-        raise UserError(f"--kubeconfig: {args.kubeconfig} does not exist")
     applog.configure(args.log_format, args.log_level)
-    return asyncio.run(_run(cfg, args.kubeconfig, args.context))
+    kubeconfig = str(args.kubeconfig) if args.kubeconfig else None
+    return asyncio.run(_run(cfg, kubeconfig, args.context))

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from apiproxy import flags
 from apiproxy.errors import UserError
 from apiproxy.policy import Policy, PolicyError
 from apiproxy.policy.rbac import DEFAULT_NAME, render
@@ -18,8 +18,8 @@ EXIT_BAD = 2
 EXIT_DENIED = 3
 
 
-def _parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
+def _parser(prog: str) -> flags.Parser:
+    parser = flags.Parser(prog=prog, description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     check = sub.add_parser("check", help="validate policy files; exit 2 on the first bad one")
     check.add_argument("files", nargs="+", metavar="FILE")
@@ -29,20 +29,19 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         description="Without METHOD TARGET, reads 'METHOD TARGET' lines from stdin and prints "
         "one JSON object per line.",
     )
-    explain.add_argument("--policy", required=True, metavar="FILE")
-    explain.add_argument(
-        "--peer", default="*", help="peer cluster name (default: a peer named in no rule)"
-    )
+    explain.option("--policy", "access policy (YAML)", type=flags.path(), required=True)
+    explain.option("--peer", "peer cluster name (default: a peer named in no rule)", default="*")
     explain.add_argument("method", nargs="?", metavar="METHOD")
     explain.add_argument("target", nargs="?", metavar="TARGET")
     rbac = sub.add_parser("rbac", help="print the ClusterRole (and Roles) the proxy needs")
     rbac.add_argument("file", metavar="FILE")
-    rbac.add_argument("--name", default=DEFAULT_NAME, help=f"role name (default {DEFAULT_NAME})")
-    rbac.add_argument(
+    rbac.option("--name", "role name", default=DEFAULT_NAME)
+    rbac.option(
         "--service-account",
+        "subject of the RoleBindings for namespaced Roles",
         default="apiproxy-system/api-proxy",
+        type=flags.text(r"[^/]+/[^/]+", "NAMESPACE/NAME"),
         metavar="NAMESPACE/NAME",
-        help="subject of the RoleBindings for namespaced Roles (default apiproxy-system/api-proxy)",
     )
     return parser
 
@@ -50,7 +49,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 def main(argv: list[str], prog: str = "apiproxy policy") -> int:
     args = _parser(prog).parse_args(argv)
     if args.command == "check":
-        return _check(args.files)
+        return _check(args.files, prog)
     if args.command == "explain":
         if (args.method is None) != (args.target is None):
             raise UserError("give both METHOD and TARGET, or neither to read lines from stdin")
@@ -60,20 +59,18 @@ def main(argv: list[str], prog: str = "apiproxy policy") -> int:
             return EXIT_ALLOWED if allowed else EXIT_DENIED
         return _explain_lines(policy, args.peer, sys.stdin, sys.stdout)
     namespace, _, name = args.service_account.partition("/")
-    if not namespace or not name or "/" in name:
-        raise UserError("--service-account must be NAMESPACE/NAME")
     policy = Policy.load(args.file)
     sys.stdout.write(render(policy.rules, Path(args.file).name, args.name, (namespace, name)))
     return 0
 
 
-def _check(files: list[str]) -> int:
+def _check(files: list[str], prog: str) -> int:
     status = 0
     for file in files:
         try:
             policy = Policy.load(file)
         except PolicyError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"{prog}: error: {exc}", file=sys.stderr)
             status = EXIT_BAD
             continue
         resource = sum(r.is_resource_rule for r in policy.rules)

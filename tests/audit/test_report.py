@@ -188,9 +188,9 @@ def test_cli_writes_the_page(tmp_path, synth, log_writer):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["report", "LOG"], "the following arguments are required: --html"),
+        (["report", "LOG"], "--html is required"),
         (["report", "LOG", "--html", "NODIR/r.html"], "does not exist"),
-        (["report", "LOG", "--html", "OUT", "--top", "-1"], "--top must be 0 or more"),
+        (["report", "LOG", "--html", "OUT", "--top", "-1"], "--top: must be at least 0"),
         (["report", "LOG", "--html", "OUT", "--since", "soon"], "cannot read time 'soon'"),
         (["report", "MISSING", "--html", "OUT"], "cannot read "),
     ],

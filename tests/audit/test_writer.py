@@ -138,7 +138,7 @@ async def test_disk_full_is_counted_retried_and_recovers():
     await writer.close()
     # The partial write was resumed at the right byte: each record exactly once, no torn line.
     assert [r["auditID"] for r in sink.lines()] == ["id-0000", "id-0001"]
-    failure = next(e for e in logs if e["event"].startswith("audit log write failed"))
+    failure = next(e for e in logs if e["event"] == "audit_log_write_failed")
     assert failure["log_level"] == "error"
     assert failure["errno"] == errno.ENOSPC
 
@@ -215,7 +215,7 @@ async def test_close_with_timeout_gives_up_when_the_disk_never_recovers():
     with capture_logs() as logs:
         await writer.close(timeout=0.05)
     assert sink.data == b""
-    assert any(e["event"].endswith("records not written") and e["records"] == 1 for e in logs)
+    assert any(e["event"] == "audit_log_close_timed_out" and e["records"] == 1 for e in logs)
 
 
 async def test_records_arriving_together_share_one_write():

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from apiproxy import demo
 from apiproxy.errors import UserError
+from apiproxy_dev import demo
 
 STEPS = demo.TOTAL_STEPS
 POLICY = Path(__file__).resolve().parents[2] / "policies" / "istio-remote.yaml"
@@ -123,7 +123,7 @@ def test_the_overall_timeout_names_the_step(capsys: pytest.CaptureFixture[str]) 
 
 
 def test_bad_flags_are_one_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="--timeout must be positive"):
+    with pytest.raises(UserError, match="--timeout: must be at least"):
         demo.main(["--timeout", "0"], prog="apiproxy demo")
-    with pytest.raises(UserError, match=r"--policy: .* not found"):
+    with pytest.raises(UserError, match=r"--policy: .* no such file"):
         demo.main(["--policy", str(tmp_path / "missing.yaml")], prog="apiproxy demo")

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from apiproxy.sim import SimAPIServer
+from apiproxy_dev.sim import SimAPIServer
 from tests.federation import conftest as federation_fixtures
 from tests.federation.conftest import Cluster
 from tests.proxy import conftest as proxy_fixtures

@@ -4,21 +4,26 @@ and mesh ConfigMap a real cluster would have, plus a kubernetes_asyncio client f
 from __future__ import annotations
 
 import asyncio
+import json
+import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import aiohttp
 import pytest
 import yaml
+from aiohttp import web
 from kubernetes_asyncio import config as kconfig
 from kubernetes_asyncio.client import ApiClient
 
 from apiproxy import pki
+from apiproxy.federation.controller import PRIVATE
 from apiproxy.federation.main import Federation, FederationConfig, load_crd
-from apiproxy.sim import SimAPIServer
+from apiproxy_dev.sim import SimAPIServer
 
 FOREIGN_MESH = {
     "trustDomain": "cluster.local",
@@ -177,3 +182,133 @@ def exporter_tls(tmp_path: Path, loopback_server_cert: pki.KeyPair) -> tuple[str
     cert.write_text(loopback_server_cert.cert_pem)
     key.write_text(loopback_server_cert.key_pem)
     return str(cert), str(key)
+
+
+# ---------------------------------------------------------------------- three clusters
+
+PUBLIC_PATH = "/metadata/public/public.json"
+PRIVATE_PATH = "/metadata/private/multicluster.json"
+
+
+class FakePeer:
+    """A TLS exporter in front of a real one; `mode` decides what it answers."""
+
+    def __init__(self, upstream: str, test_ca: pki.KeyPair, tls: tuple[str, str]) -> None:
+        self.upstream = upstream.removesuffix("/metadata")
+        self.client_ssl = ssl.create_default_context(cadata=test_ca.cert_pem)
+        self.server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.server_ssl.load_cert_chain(*tls)
+        self.mode = "good"
+        # Fields replaced in the private document (crafted identities for conflict tests).
+        self.private_overrides: dict[str, Any] = {}
+        self.release = asyncio.Event()
+        self.hits: dict[str, int] = {}
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}/metadata"
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app, shutdown_timeout=0.1)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0, ssl_context=self.server_ssl)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        self.release.set()
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    async def _upstream(self, request: web.Request) -> tuple[int, bytes]:
+        headers = {}
+        if "Authorization" in request.headers:
+            headers["Authorization"] = request.headers["Authorization"]
+        async with (
+            aiohttp.ClientSession(trust_env=False) as s,
+            s.get(self.upstream + request.path, headers=headers, ssl=self.client_ssl) as resp,
+        ):
+            return resp.status, await resp.read()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.hits[self.mode] = self.hits.get(self.mode, 0) + 1
+        if self.mode == "slow":
+            await self.release.wait()  # answers only after the test is over
+        if self.mode == "invalid-json":
+            return web.Response(text='{"clusterUUID": ', content_type="application/json")
+        if self.mode == "nested-json":
+            return web.Response(text="[" * 200_000, content_type="application/json")
+        status, body = await self._upstream(request)
+        if status == 200 and request.path == PRIVATE_PATH and self.private_overrides:
+            return web.json_response({**json.loads(body), **self.private_overrides})
+        if status != 200 or request.path != PUBLIC_PATH:
+            return web.Response(status=status, body=body, content_type="application/json")
+        doc: dict[str, Any] = json.loads(body)
+        if self.mode == "no-root":
+            del doc["rootCA"]
+        if self.mode == "large":
+            # A big but valid document sent in many small chunks (separate TLS records).
+            doc["padding"] = "x" * 300_000
+            raw = json.dumps(doc).encode()
+            resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            for i in range(0, len(raw), 8192):
+                await resp.write(raw[i : i + 8192])
+                await asyncio.sleep(0)
+            await resp.write_eof()
+            return resp
+        return web.json_response(doc)
+
+
+class Three(NamedTuple):
+    a: Cluster
+    b: Cluster
+    c: Cluster
+    fa: Federation
+    fb: Federation
+    fc: Federation
+    fake: FakePeer
+
+
+async def setup_three(
+    clusters: Callable[[str], Awaitable[Cluster]],
+    exporter_tls: tuple[str, str],
+    test_ca: pki.KeyPair,
+) -> Three:
+    """A federates with B (behind a FakePeer, IstioMulticluster "b", created first) and C
+    ("c"); both federate back. Returns them after convergence."""
+    a, b, c = await clusters("a"), await clusters("bb"), await clusters("ccc")
+    tls = {"exporter_tls_cert": exporter_tls[0], "exporter_tls_key": exporter_tls[1]}
+    fa = await a.federation(**tls, fetch_timeout=0.5)
+    fb = await b.federation(**tls)
+    fc = await c.federation(**tls)
+    fake = FakePeer(fb.exporter_url, test_ca, exporter_tls)
+    await fake.start()
+    a.create_imc("b", fake.url, test_ca.cert_pem)
+    a.create_imc("c", fc.exporter_url, test_ca.cert_pem)
+    b.create_imc("a", fa.exporter_url, test_ca.cert_pem)
+    c.create_imc("a", fa.exporter_url, test_ca.cert_pem)
+    await fa.reconcile()
+    await fb.reconcile()
+    await fc.reconcile()
+    await fa.reconcile()
+    for peer in ("b", "c"):
+        assert a.condition(peer, PRIVATE)["status"] == "True", a.condition(peer, PRIVATE)
+    return Three(a, b, c, fa, fb, fc, fake)
+
+
+@pytest.fixture
+async def three(
+    clusters: Callable[[str], Awaitable[Cluster]],
+    exporter_tls: tuple[str, str],
+    test_ca: pki.KeyPair,
+) -> AsyncIterator[Three]:
+    """Three federated clusters (`setup_three`); the FakePeer stops before the clusters do."""
+    t = await setup_three(clusters, exporter_tls, test_ca)
+    yield t
+    await t.fake.stop()

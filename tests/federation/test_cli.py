@@ -61,7 +61,11 @@ def test_every_flag_reads_an_apiproxy_env_var(monkeypatch):
         (["--exporter-tls-cert", "/c"], "go together"),
         (["--ingress-gateway", "nope"], "ADDR:PORT"),
         (["--ingress-gateway-service", "a/b", "--ingress-gateway", "1.2.3.4:1"], "not both"),
-        (["--kubeconfig", "/nonexistent/kubeconfig"], "does not exist"),
+        (
+            ["--kubeconfig", "/nonexistent/kubeconfig"],
+            "--kubeconfig: /nonexistent/kubeconfig: no such file",
+        ),
+        (["--log-level", "loud"], "--log-level: .loud. must be one of"),
     ],
 )
 def test_user_errors_are_one_clean_line(extra, message, capsys):

@@ -139,7 +139,7 @@ async def test_cli_process_serves_readyz_and_exits_cleanly_on_sigterm(clusters, 
             await proc.wait()
     err = stderr_path.read_text()
     assert rc == 0, err
-    assert "federation started" in err
+    assert "federation_started" in err
     assert "stopping" in err
     assert "Traceback" not in err
     for secret in (private_pem, ca_key, a.sim.token):

@@ -252,7 +252,7 @@ async def test_audit_disk_full_is_reported_and_recovers_without_losing_records(
         assert code == 503
         assert "[-]audit failed" in text
         assert stack.proxy.audit.write_errors >= 1
-        assert "audit log write failed" in "".join(capsys.readouterr())
+        assert '"event": "audit_log_write_failed"' in "".join(capsys.readouterr())
         # the disk gets space again: every queued record is written, readiness recovers
         if mounted:
             filler.unlink()

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from apiproxy import pki, tokens, upstream
 from apiproxy.server import ProxyServer, ServeConfig
-from apiproxy.sim import SimAPIServer
+from apiproxy_dev.sim import SimAPIServer
 
 OWN_UUID = "11111111-1111-4111-8111-111111111111"
 UUID_A = "aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa"

@@ -16,7 +16,7 @@ import yaml
 
 from apiproxy import pki
 from apiproxy.server import ProxyServer
-from apiproxy.sim import SimAPIServer
+from apiproxy_dev.sim import SimAPIServer
 from tests.proxy.conftest import ProxyFactory, World, audit_records, make_files, pod
 
 

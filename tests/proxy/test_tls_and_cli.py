@@ -117,11 +117,13 @@ def test_flags_and_environment(
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--listen", "nope"], "--tls-cert is required (or set APIPROXY_TLS_CERT)"),
+        ([], "--tls-cert is required (or set APIPROXY_TLS_CERT)"),
         (["--bogus"], "unrecognized arguments: --bogus"),
         (["+files", "--cluster-uuid", "x"], "--cluster-uuid: 'x' is not a canonical UUID"),
         (["+files", "--listen", "nope"], "--listen: 'nope' must be HOST:PORT"),
-        (["+files", "--kubeconfig", "/nonexistent"], "--upstream and --kubeconfig are mutually"),
+        (["+files", "--kubeconfig", "/nonexistent"], "--kubeconfig: /nonexistent: no such file"),
+        (["+files", "--kubeconfig", "+peers"], "--upstream and --kubeconfig are mutually"),
+        (["+files", "--log-level", "loud"], "--log-level: 'loud' must be one of debug"),
         (["+files", "--max-watch-seconds", "abc"], "--max-watch-seconds: 'abc' is not a number"),
     ],
 )
@@ -141,7 +143,7 @@ def test_bad_flags_are_one_line_and_exit_2(
             f"--policy={files.policy}",
             f"--cluster-uuid={OWN_UUID}",
             "--upstream=https://127.0.0.1:1/",
-            *args[1:],
+            *(str(files.peers) if a == "+peers" else a for a in args[1:]),
         ]
     assert cli.main(["serve", *args]) == 2
     err = capsys.readouterr().err.strip()

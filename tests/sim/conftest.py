@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from apiproxy.sim import SimAPIServer
+from apiproxy_dev.sim import SimAPIServer
 
 TOKEN = "sim-test-token"
 

@@ -7,7 +7,7 @@ import ssl
 
 import aiohttp
 
-from apiproxy.sim import SimAPIServer
+from apiproxy_dev.sim import SimAPIServer
 
 
 async def test_quiet_watch_ends_when_its_client_disconnects() -> None:

@@ -17,7 +17,7 @@ from kubernetes_asyncio import config as aconfig
 from kubernetes_asyncio import watch as awatch
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from apiproxy.sim import SimAPIServer
+from apiproxy_dev.sim import SimAPIServer
 
 CRD = """
 apiVersion: apiextensions.k8s.io/v1

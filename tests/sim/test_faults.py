@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from apiproxy.sim import SimAPIServer, StartRefused
+from apiproxy_dev.sim import SimAPIServer, StartRefused
 
 
 async def test_fail_with_retry_after_then_recover(raw: Any, sim: SimAPIServer) -> None:

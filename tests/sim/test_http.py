@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from apiproxy.sim import SimAPIServer
+from apiproxy_dev.sim import SimAPIServer
 
 
 async def test_bearer_token_required_with_status_body(raw: Any) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from apiproxy.sim import SimAPIServer
+from apiproxy_dev.sim import SimAPIServer
 
 
 def _cm(name: str, ns: str = "default") -> dict[str, Any]:

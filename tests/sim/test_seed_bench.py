@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from apiproxy.sim import SimAPIServer, Store
-from apiproxy.sim.seed import Churn, add_pods
+from apiproxy_dev.sim import SimAPIServer, Store
+from apiproxy_dev.sim.seed import Churn, add_pods
 
 
 def test_add_pods_labels_names_and_no_managed_fields() -> None:

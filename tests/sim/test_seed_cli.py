@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from apiproxy.sim import SimAPIServer, Store
-from apiproxy.sim.seed import Churn, seed
+from apiproxy_dev.sim import SimAPIServer, Store
+from apiproxy_dev.sim.seed import Churn, seed
 
 
 def test_seeded_objects_are_realistic() -> None:
@@ -100,9 +100,10 @@ def test_sim_command_serves_kubectl_and_stops_on_sigterm(tmp_path: Path) -> None
             proc.communicate()
 
 
-def test_sim_command_user_errors() -> None:
+def test_sim_command_user_errors(tmp_path: Path) -> None:
+    (tmp_path / "cert.pem").write_text("")
     out = subprocess.run(
-        [sys.executable, "-m", "apiproxy", "sim", "--tls-cert", "/nonexistent"],
+        [sys.executable, "-m", "apiproxy", "sim", "--tls-cert", str(tmp_path / "cert.pem")],
         capture_output=True,
         text=True,
         timeout=60,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from apiproxy.sim import SimAPIServer
+from apiproxy_dev.sim import SimAPIServer
 
 
 def _names(events: list[dict[str, Any]]) -> list[tuple[str, str]]:

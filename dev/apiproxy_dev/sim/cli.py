@@ -16,43 +16,44 @@ from apiproxy import log as logging_
 from apiproxy.errors import UserError
 
 
-def _listen(value: str) -> tuple[str, int]:
-    return flags.host_port(value, "--listen", default_host="127.0.0.1")
-
-
-def _parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def _parser(prog: str) -> flags.Parser:
+    p = flags.Parser(
         prog=prog,
         description="Run the simulated Kubernetes API server (a development and test tool).",
     )
-    p.add_argument("--listen", type=_listen, default=("127.0.0.1", 6443), metavar="HOST:PORT")
-    p.add_argument("--tls-cert", type=Path, help="serving certificate (PEM); default: self-made")
-    p.add_argument("--tls-key", type=Path, help="its private key (PEM)")
-    p.add_argument("--plain-http", action="store_true", help="serve HTTP without TLS")
-    p.add_argument("--token", help="bearer token clients must send (default: random)")
-    p.add_argument("--pods", type=int, default=0, help="seed this many realistic pods")
-    p.add_argument("--namespaces", type=int, default=10, help="namespaces to spread them over")
-    p.add_argument(
-        "--churn",
-        type=float,
-        default=0.0,
-        metavar="PER_SECOND",
-        help="change seeded pods at this rate",
+    p.option(
+        "--listen",
+        "HOST:PORT to serve on (:PORT means 127.0.0.1)",
+        default="127.0.0.1:6443",
+        type=flags.listen_address("127.0.0.1"),
     )
-    p.add_argument("--kube-system-uid", help="fixed uid of the kube-system namespace")
-    p.add_argument("--kubeconfig", type=Path, help="where to write the kubeconfig")
-    p.add_argument("--log-level", default="info")
+    p.option("--tls-cert", "serving certificate (PEM); default: self-made", type=flags.path())
+    p.option("--tls-key", "its private key (PEM)", type=flags.path())
+    p.switch("--plain-http", "serve HTTP without TLS")
+    p.option("--token", "bearer token clients must send (default: random)")
+    p.option("--pods", "seed this many realistic pods", default="0", type=flags.number(minimum=0))
+    p.option("--namespaces", "namespaces to spread them over", default="10", type=flags.number())
+    p.option(
+        "--churn",
+        "change seeded pods at this rate",
+        default="0",
+        type=flags.number(float, minimum=0),
+        metavar="PER_SECOND",
+    )
+    p.option("--kube-system-uid", "fixed uid of the kube-system namespace")
+    p.option("--kubeconfig", "where to write the kubeconfig", type=flags.path(must_exist=False))
+    p.log_options(log_format=False)
     return p
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from apiproxy.sim.seed import Churn, seed
-    from apiproxy.sim.server import SimAPIServer
-    from apiproxy.sim.store import Store
+    from apiproxy_dev.sim.seed import Churn, seed
+    from apiproxy_dev.sim.server import SimAPIServer
+    from apiproxy_dev.sim.store import Store
 
     store = Store(kube_system_uid=args.kube_system_uid)
     if args.pods:
-        seed(store, pods=args.pods, namespaces=max(1, args.namespaces))
+        seed(store, pods=args.pods, namespaces=args.namespaces)
     host, port = args.listen
     try:
         sim = SimAPIServer(
@@ -96,8 +97,6 @@ def main(argv: list[str], prog: str = "apiproxy sim") -> int:
         raise UserError("--tls-cert and --tls-key go together")
     if args.plain_http and args.tls_cert:
         raise UserError("--plain-http and --tls-cert exclude each other")
-    if args.pods < 0 or args.churn < 0:
-        raise UserError("--pods and --churn must not be negative")
     logging_.configure(level=args.log_level)
     try:
         import uvloop

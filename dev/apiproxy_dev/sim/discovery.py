@@ -11,7 +11,7 @@ import hashlib
 import json
 from typing import Any
 
-from apiproxy.sim.resources import STATUS_VERBS, Registry, ResourceType
+from apiproxy_dev.sim.resources import STATUS_VERBS, Registry, ResourceType
 
 VERSION = {
     "major": "1",

@@ -31,10 +31,10 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from apiproxy import pki
 from apiproxy.federation.main import load_crd
 from apiproxy.log import get_logger
-from apiproxy.sim import SimAPIServer
-from apiproxy.sim.seed import Seeded, seed
+from apiproxy_dev.sim import SimAPIServer
+from apiproxy_dev.sim.seed import Seeded, seed
 
-log = get_logger("apiproxy.demo")
+log = get_logger("apiproxy_dev.demo")
 
 CLUSTER_DOMAIN = "cluster.local"
 ISTIO_NAMESPACE = "istio-system"
@@ -314,7 +314,7 @@ class SecretVolume:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the kubelet retries; so do we
-                log.warning("secret volume watch failed", secret=self.name, error=repr(exc))
+                log.warning("secret_volume_watch_failed", secret=self.name, error=repr(exc))
             await asyncio.sleep(delay)  # retry backoff after an error, not a wait for an event
             delay = min(delay * 2, 2.0)
 

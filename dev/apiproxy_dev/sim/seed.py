@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from apiproxy.log import get_logger
-from apiproxy.sim.errors import ApiError
-from apiproxy.sim.store import Obj, Store, now_rfc3339
 from apiproxy.tasks import cancel_and_wait
+from apiproxy_dev.sim.errors import ApiError
+from apiproxy_dev.sim.store import Obj, Store, now_rfc3339
 
-log = get_logger("apiproxy.sim.seed")
+log = get_logger("apiproxy_dev.sim.seed")
 
 _POD_NET = ipaddress.IPv4Network("10.64.0.0/10")
 _NODE_NET = ipaddress.IPv4Network("192.168.0.0/16")

@@ -20,10 +20,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from apiproxy.sim import errors
-from apiproxy.sim.errors import ApiError
-from apiproxy.sim.resources import Registry, ResourceType, crd_types
-from apiproxy.sim.selectors import (
+from apiproxy_dev.sim import errors
+from apiproxy_dev.sim.errors import ApiError
+from apiproxy_dev.sim.resources import Registry, ResourceType, crd_types
+from apiproxy_dev.sim.selectors import (
     FieldRequirement,
     Requirement,
     SelectorError,

@@ -15,7 +15,6 @@ command exits 1. Everything runs in this process on 127.0.0.1; files live in a t
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import hashlib
@@ -44,10 +43,17 @@ from kubernetes_asyncio.client import (
 )
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from apiproxy import flags, pki, tokens, upstream
 from apiproxy import log as applog
-from apiproxy import pki, tokens, upstream
 from apiproxy.audit.review import render_table, summarize
-from apiproxy.demo_kit import (
+from apiproxy.errors import UserError
+from apiproxy.federation import artifacts
+from apiproxy.federation.controller import CONDITION_TYPES, FINALIZER
+from apiproxy.federation.main import LEASE_NAME, Federation, FederationConfig
+from apiproxy.policy import Policy
+from apiproxy.policy.shipped import shipped_policy
+from apiproxy.server import ProxyServer, ServeConfig
+from apiproxy_dev.demo_kit import (
     APIPROXY_NAMESPACE,
     CLUSTER_DOMAIN,
     ISTIO_NAMESPACE,
@@ -57,14 +63,7 @@ from apiproxy.demo_kit import (
     SimCluster,
     reserve_loopback_port,
 )
-from apiproxy.errors import UserError
-from apiproxy.federation import artifacts
-from apiproxy.federation.controller import CONDITION_TYPES, FINALIZER
-from apiproxy.federation.main import LEASE_NAME, Federation, FederationConfig
-from apiproxy.policy import Policy
-from apiproxy.policy.shipped import shipped_policy
-from apiproxy.server import ProxyServer, ServeConfig
-from apiproxy.sim.seed import pod as seed_pod
+from apiproxy_dev.sim.seed import pod as seed_pod
 
 TOTAL_STEPS = 12
 IMC = ("deckhouse.io", "v1alpha1", "istiomulticlusters")
@@ -989,36 +988,33 @@ def ready_endpoints(slices: Informer) -> dict[str, int]:
 # ---------------------------------------------------------------------- command line
 
 
-def _parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def _parser(prog: str) -> flags.Parser:
+    p = flags.Parser(
         prog=prog,
         description="Play the two-cluster story end to end on simulated clusters, narrating "
         "each step; exit 0 only if every step did what it says.",
     )
-    p.add_argument("--verbose", action="store_true", help="show the components' logs (stderr)")
-    p.add_argument("--keep", action="store_true", help="keep the temporary files; print the path")
-    p.add_argument(
+    p.switch("--verbose", "show the components' logs (stderr)")
+    p.switch("--keep", "keep the temporary files; print the path")
+    p.option(
         "--timeout",
-        type=float,
-        default=60.0,
-        metavar="SECONDS",
-        help="overall safety bound (default 60)",
+        "overall safety bound",
+        default="60s",
+        type=flags.duration(minimum=0.001),
+        metavar="DURATION",
     )
-    p.add_argument(
+    p.option(
         "--policy",
-        type=Path,
-        default=DEFAULT_POLICY,
+        "access policy the api-proxies enforce (default: policies/istio-remote.yaml)",
+        type=flags.path(),
         metavar="FILE",
-        help="access policy the api-proxies enforce (default: policies/istio-remote.yaml)",
     )
     return p
 
 
 def main(argv: Sequence[str], prog: str = "apiproxy demo") -> int:
     args = _parser(prog).parse_args(list(argv))
-    if args.timeout <= 0:
-        raise UserError("--timeout must be positive")
-    policy: Path = args.policy
+    policy: Path = args.policy or DEFAULT_POLICY
     if not policy.is_file():
         raise UserError(f"--policy: {policy} not found (run from a checkout, or pass --policy)")
     Policy.load(policy)  # a bad policy is one clear line, before anything starts

@@ -3,9 +3,9 @@
 Tests, benchmarks and the demo all run against it. See docs/simulator.md.
 """
 
-from apiproxy.sim.errors import ApiError
-from apiproxy.sim.faults import Faults, Rule, StartRefused
-from apiproxy.sim.server import SimAPIServer
-from apiproxy.sim.store import Store
+from apiproxy_dev.sim.errors import ApiError
+from apiproxy_dev.sim.faults import Faults, Rule, StartRefused
+from apiproxy_dev.sim.server import SimAPIServer
+from apiproxy_dev.sim.store import Store
 
 __all__ = ["ApiError", "Faults", "Rule", "SimAPIServer", "StartRefused", "Store"]

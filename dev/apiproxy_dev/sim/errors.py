@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from apiproxy.sim.resources import ResourceType
 from apiproxy.status import status
+from apiproxy_dev.sim.resources import ResourceType
 
 
 class ApiError(Exception):

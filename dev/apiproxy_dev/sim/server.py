@@ -23,13 +23,13 @@ from aiohttp import web
 
 from apiproxy import pki
 from apiproxy.log import get_logger
-from apiproxy.sim import discovery, patch
-from apiproxy.sim.errors import ApiError, bad_request
-from apiproxy.sim.faults import Faults, StartRefused
-from apiproxy.sim.resources import ResourceType
-from apiproxy.sim.store import Store, Watcher, dumps
+from apiproxy_dev.sim import discovery, patch
+from apiproxy_dev.sim.errors import ApiError, bad_request
+from apiproxy_dev.sim.faults import Faults, StartRefused
+from apiproxy_dev.sim.resources import ResourceType
+from apiproxy_dev.sim.store import Store, Watcher, dumps
 
-log = get_logger("apiproxy.sim")
+log = get_logger("apiproxy_dev.sim")
 
 JSON = "application/json"
 PROTOBUF = "application/vnd.kubernetes.protobuf"
@@ -189,7 +189,7 @@ class SimAPIServer:
         scheme = "https" if self.tls else "http"
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.url = f"{scheme}://{host}:{self.port}"
-        log.info("sim.started", url=self.url)
+        log.info("sim_started", url=self.url)
 
     async def stop(self) -> None:
         if self._stopping is not None:
