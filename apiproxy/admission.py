@@ -40,7 +40,7 @@ import time
 from collections import Counter as Tally
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
@@ -68,6 +68,9 @@ WHY: dict[str, str] = {
     "unauthenticated": "the request did not authenticate: one request per such connection",
     "shutdown": "the proxy is stopping",
 }
+
+# Stopping is logged once by the server; a 401 is logged with its request already.
+_NOT_LOGGED = frozenset({"shutdown", "unauthenticated"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -407,7 +410,8 @@ class Admission:
                 return
             conn.reason = reason
         self.metrics.closed.labels(reason).inc()
-        self._cuts.note(reason, source)
+        if reason not in _NOT_LOGGED:
+            self._cuts.note(reason, source)
 
     def _forget(self, conn: _Conn) -> None:
         same = self._sources.get(conn.key)
@@ -480,8 +484,8 @@ class _GatedHandler(RequestHandler):
             self.admission.cut(conn, self._deadline_reason)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.admission_conn.transport = transport
+        # uvloop's TLS transport has the Transport methods without being a subclass.
+        self.admission_conn.transport = cast(asyncio.Transport, transport)
         super().connection_made(transport)
         self._arm("head_timeout", self.admission.limits.head_timeout)
 
