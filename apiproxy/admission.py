@@ -641,4 +641,60 @@ class _GateSite(web.BaseSite):
         await self._admission.stop_handshakes()
 
 
-__all__ = ["WHY", "Admission", "ConnectionMetrics", "Limits", "source_key"]
+# Descriptors held whatever the traffic: listeners, epoll, audit log, watched files, stdio, Python.
+FD_BASE = 64
+
+
+def fd_budget(
+    limits: Limits,
+    *,
+    peers: int,
+    watches_per_peer: int,
+    requests_per_peer: int,
+    upstream_connections: int,
+) -> int:
+    """Descriptors the proxy may need at its limits: strangers up to their cap; per peer, two per
+    watch (its own connection and its own upstream connection) and one per request in flight;
+    the upstream pool for requests; the fixed rest. docs/proxy.md explains the sizing."""
+    return (
+        FD_BASE
+        + limits.max_unauthenticated
+        + peers * (2 * watches_per_peer + requests_per_peer)
+        + upstream_connections
+    )
+
+
+def raise_fd_limit(needed: int) -> None:
+    """Raise the soft descriptor limit to the hard one (as Go programs such as kube-apiserver do
+    when they start: container runtimes often set a soft limit of 1024), and say in the log when
+    even that is short of `needed`."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Linux
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        _log.warning(
+            "fd_limit_low",
+            limit=soft,
+            needed=needed,
+            hint="raise the container's nofile limit or lower the per-peer and"
+            " unauthenticated limits (docs/proxy.md, sizing)",
+        )
+    else:
+        _log.info("fd_limit", limit=soft, needed=needed)
+
+
+__all__ = [
+    "WHY",
+    "Admission",
+    "ConnectionMetrics",
+    "Limits",
+    "fd_budget",
+    "raise_fd_limit",
+    "source_key",
+]

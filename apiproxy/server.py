@@ -201,6 +201,15 @@ class ProxyServer:
             self.metrics.registry,
             self.tls.listening,
         )
+        admission_mod.raise_fd_limit(
+            admission_mod.fd_budget(
+                self.admission.limits,
+                peers=len(self.peers.peers),
+                watches_per_peer=c.max_watches_per_peer,
+                requests_per_peer=c.max_requests_per_peer,
+                upstream_connections=c.upstream_max_connections,
+            )
+        )
         server = self.admission.server(self._handle)
         self._runner = web.ServerRunner(server, shutdown_timeout=c.shutdown_grace_seconds)
         await self._runner.setup()

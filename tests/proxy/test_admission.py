@@ -15,6 +15,7 @@ import json
 import os
 import resource
 import ssl
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -613,3 +614,44 @@ def test_flags_set_the_limits_and_refuse_nonsense(tmp_path: Path) -> None:
     ):
         with pytest.raises(UserError, match=bad.split("=")[0]):
             config_from_args(parser.parse_args([*base, bad]))
+
+
+def test_fd_budget_counts_strangers_watches_requests_and_the_pool() -> None:
+    from apiproxy.admission import FD_BASE, Limits, fd_budget
+
+    need = fd_budget(
+        Limits(max_unauthenticated=500),
+        peers=3,
+        watches_per_peer=40,
+        requests_per_peer=20,
+        upstream_connections=100,
+    )
+    assert need == FD_BASE + 500 + 3 * (2 * 40 + 20) + 100
+
+
+def test_serve_raises_its_soft_fd_limit_and_warns_when_short() -> None:
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY or hard <= 256:
+        pytest.skip(f"hard limit {hard}: nothing to raise")
+    code = (
+        "import resource, sys\n"
+        "from apiproxy.admission import raise_fd_limit\n"
+        "raise_fd_limit(int(sys.argv[1]))\n"
+        "print('soft', resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
+    )
+
+    def lowered() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    for needed, event in ((1000, "fd_limit"), (hard + 1, "fd_limit_low")):
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(needed)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            preexec_fn=lowered,
+            check=True,
+        ).stdout
+        assert f"soft {hard}" in out, out  # raised from 256 to the hard limit
+        assert event in out
+        assert ("fd_limit_low" in out) == (needed > hard), out
