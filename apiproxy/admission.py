@@ -57,7 +57,8 @@ KiB = 1024
 # Why the proxy closed a connection (the `reason` label; every value is pre-created at zero).
 WHY: dict[str, str] = {
     "handshake_timeout": "TLS handshake not finished within the handshake timeout",
-    "handshake_failed": "TLS handshake failed",
+    "handshake_failed": "TLS handshake refused: a certificate no peer anchor issued, plain HTTP,"
+    " or no common TLS version or cipher",
     "head_timeout": "request head not complete within the head timeout",
     "idle_timeout": "no new request on a keep-alive connection within the idle timeout",
     "source_limit": "too many unauthenticated connections from this source address",
@@ -84,7 +85,7 @@ class Limits:
     head_timeout: float = 20.0
     idle_timeout: float = 90.0
     max_unauthenticated: int = 1000
-    max_unauthenticated_per_source: int = 100
+    max_unauthenticated_per_source: int = 250
     max_request_line: int = 16 * KiB  # the request-target (path and query)
     max_header_field: int = 16 * KiB  # one header: name + value
     max_headers: int = 64
@@ -349,8 +350,12 @@ class Admission:
             conn.transport.abort()
         if isinstance(exc, TimeoutError):
             self._count(conn.source, "handshake_timeout", conn)
-        elif isinstance(exc, ssl.SSLError | OSError | EOFError):
+        elif isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+            pass  # the client went away mid-handshake (a TCP probe, a health check): not a cut
+        elif isinstance(exc, ssl.SSLError):
             self._count(conn.source, "handshake_failed", conn)
+        elif isinstance(exc, OSError | EOFError):
+            pass  # the client went away
         else:  # a bug: let it be seen
             task.get_loop().call_exception_handler(
                 {"message": "TLS handshake task failed", "exception": exc}

@@ -88,7 +88,7 @@ class ServeConfig:
     request_head_timeout_seconds: float = 20.0
     idle_timeout_seconds: float = 90.0
     max_unauthenticated_connections: int = 1000
-    max_unauthenticated_per_source: int = 100
+    max_unauthenticated_per_source: int = 250
     max_request_line_bytes: int = 16 * 1024
     max_header_bytes: int = 16 * 1024
     max_headers: int = 64
@@ -897,7 +897,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         p,
         "--max-unauthenticated-per-source",
         "connections not yet authenticated per source address (IPv6: per /64); more are reset",
-        default="100",
+        default="250",
     )
     _add(p, "--max-request-line-bytes", "longest request-target (431 beyond)", default="16384")
     _add(p, "--max-header-bytes", "longest header, name + value (431 beyond)", default="16384")

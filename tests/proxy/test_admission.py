@@ -577,7 +577,7 @@ def test_flags_set_the_limits_and_refuse_nonsense(tmp_path: Path) -> None:
     assert (cfg.tls_handshake_timeout_seconds, cfg.request_head_timeout_seconds) == (10.0, 20.0)
     assert cfg.tls_handshake_timeout_seconds + cfg.request_head_timeout_seconds <= 30
     assert cfg.idle_timeout_seconds == 90.0
-    assert (cfg.max_unauthenticated_connections, cfg.max_unauthenticated_per_source) == (1000, 100)
+    assert (cfg.max_unauthenticated_connections, cfg.max_unauthenticated_per_source) == (1000, 250)
     assert (cfg.max_request_line_bytes, cfg.max_header_bytes, cfg.max_headers) == (
         16384,
         16384,
@@ -655,3 +655,38 @@ def test_serve_raises_its_soft_fd_limit_and_warns_when_short() -> None:
         assert f"soft {hard}" in out, out  # raised from 256 to the hard limit
         assert event in out
         assert ("fd_limit_low" in out) == (needed > hard), out
+
+
+async def _handshake_failures(world: World, tmp: Path) -> None:
+    async with stack(world, tmp) as st:
+        adm = st.proxy.admission
+        with capture_logs() as logs:
+            # A TCP probe that hangs up is no cut of ours: neither counted nor logged.
+            reader, writer = await st.tcp("127.0.0.2")
+            writer.close()
+            await eof(reader)
+            await st.until(lambda: adm.open_connections == 0)
+            assert st.closed("handshake_failed") == 0
+            # Plain HTTP on the TLS port, and a certificate no peer anchor issued, are refused.
+            reader, writer = await st.tcp("127.0.0.2")
+            writer.write(b"GET / HTTP/1.1\r\nHost: proxy\r\n\r\n")
+            await eof(reader)
+            writer.close()
+            ctx = st.world.client_ssl(st.world.client_unknown, st.tmp)
+            with contextlib.suppress(OSError):
+                reader, writer = await asyncio.open_connection(
+                    "127.0.0.1", st.proxy.port, ssl=ctx, local_addr=("127.0.0.3", 0)
+                )
+                await eof(reader)
+                writer.close()
+            await st.until(lambda: adm.open_connections == 0)
+        assert st.closed("handshake_failed") == 2
+        cut = [e for e in logs if e["event"] == "connections_cut"]
+        assert [(e["reason"], e["source"]) for e in cut] == [("handshake_failed", "127.0.0.2")]
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_refused_handshakes_are_counted_and_probes_are_not(
+    loop: str, world: World, tmp_path: Path
+) -> None:
+    run(loop, _handshake_failures, world, tmp_path)
