@@ -6,9 +6,11 @@ tests, in a process of its own so the proxy's process counts only its own descri
 `--sources` (loopback addresses). Events go to stdout as JSON lines:
 
 - `{"event": "ready", "tls": n, "tcp": m}` once every connection is open and stalled;
-- `{"event": "done", "tls": [seconds, ...], "tcp": [...], "early": k}` once the other side has
-  closed every one: how long each stood (from its TLS handshake, or its TCP connect, to EOF),
-  and how many were closed before `ready`.
+- `{"event": "done", "tls": [[a, b], ...], "tcp": [...], "early": k}` once the other side has
+  closed every one: how long each stood until EOF, counted (a) from before its connect began and
+  (b) from when it was open here (TLS done, or TCP connected), and how many closed before `ready`.
+  Under load this process notices an open connection late, so (a) bounds the proxy's deadline
+  from below and (b) from above.
 """
 
 from __future__ import annotations
@@ -51,9 +53,10 @@ async def main(argv: list[str]) -> None:
     goal = 0
     reached = asyncio.Event()
 
-    async def one(i: int, tls: bool) -> float:
+    async def one(i: int, tls: bool) -> tuple[float, float]:
         nonlocal early
         async with gate:
+            started = time.monotonic()
             reader, writer = await asyncio.open_connection(
                 a.host,
                 a.port,
@@ -70,9 +73,10 @@ async def main(argv: list[str]) -> None:
         await _wait_closed(reader)
         if not ready.is_set():
             early += 1
-        return time.monotonic() - since
+        now = time.monotonic()
+        return now - started, now - since
 
-    async def phase(n: int, tls: bool) -> list[asyncio.Task[float]]:
+    async def phase(n: int, tls: bool) -> list[asyncio.Task[tuple[float, float]]]:
         nonlocal goal
         goal += n
         reached.clear()
