@@ -36,6 +36,7 @@ import contextlib
 import ipaddress
 import socket
 import ssl
+import struct
 import time
 from collections import Counter as Tally
 from collections.abc import Callable
@@ -226,7 +227,6 @@ class Admission:
         self._server: web.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed: asyncio.Event | None = None
-        self.stopping = False
 
     # -- what the rest of the proxy sees --------------------------------------------------------
 
@@ -302,9 +302,7 @@ class Admission:
     def _reset(sock: socket.socket) -> None:
         # RST instead of FIN: nothing lingers in TIME_WAIT on our side for a refused stranger.
         with contextlib.suppress(OSError):
-            sock.setsockopt(
-                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
-            )
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.close()
 
     def _evict(self) -> None:
@@ -444,7 +442,6 @@ class Admission:
 
     async def stop_handshakes(self) -> None:
         """Abort every connection still in its TLS handshake (the listener is closed)."""
-        self.stopping = True
         tasks = list(self._handshaking.items())
         for _, conn in tasks:
             self.cut(conn, "shutdown")
