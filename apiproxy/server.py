@@ -24,6 +24,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from apiproxy import __version__, flags, log, memory, status, tokens, upstream
+from apiproxy import admission as admission_mod
 from apiproxy import peers as peers_mod
 from apiproxy import upgrade as upgrade_mod
 from apiproxy.audit import AuditWriter
@@ -81,6 +82,15 @@ class ServeConfig:
     retry_after_seconds: int = 1
     # How often freed heap memory is handed back to the OS (glibc malloc_trim); 0: never.
     memory_trim_interval_seconds: float = 30.0
+    # Before a request authenticates (apiproxy/admission.py): deadlines, caps, head bounds.
+    tls_handshake_timeout_seconds: float = 10.0
+    request_head_timeout_seconds: float = 20.0
+    idle_timeout_seconds: float = 90.0
+    max_unauthenticated_connections: int = 1000
+    max_unauthenticated_per_source: int = 250
+    max_request_line_bytes: int = 16 * 1024
+    max_header_bytes: int = 16 * 1024
+    max_headers: int = 64
 
 
 @dataclass
@@ -176,12 +186,34 @@ class ProxyServer:
         await self.pool.start()
         self._watch_inputs()
         self.watcher.start()
-        server = web.Server(self._handle, handler_cancellation=True, access_log=None)
+        # Our own accept loop: deadlines, caps and head bounds before authentication.
+        self.admission = admission_mod.Admission(
+            admission_mod.Limits(
+                handshake_timeout=c.tls_handshake_timeout_seconds,
+                head_timeout=c.request_head_timeout_seconds,
+                idle_timeout=c.idle_timeout_seconds,
+                max_unauthenticated=c.max_unauthenticated_connections,
+                max_unauthenticated_per_source=c.max_unauthenticated_per_source,
+                max_request_line=c.max_request_line_bytes,
+                max_header_field=c.max_header_bytes,
+                max_headers=c.max_headers,
+            ),
+            self.metrics.registry,
+            self.tls.listening,
+        )
+        admission_mod.raise_fd_limit(
+            admission_mod.fd_budget(
+                self.admission.limits,
+                peers=len(self.peers.peers),
+                watches_per_peer=c.max_watches_per_peer,
+                requests_per_peer=c.max_requests_per_peer,
+                upstream_connections=c.upstream_max_connections,
+            )
+        )
+        server = self.admission.server(self._handle)
         self._runner = web.ServerRunner(server, shutdown_timeout=c.shutdown_grace_seconds)
         await self._runner.setup()
-        site = web.TCPSite(
-            self._runner, c.listen_host, c.listen_port, ssl_context=self.tls.listening, backlog=1024
-        )
+        site = self.admission.site(self._runner, c.listen_host, c.listen_port)
         await site.start()
         self.port = self._runner.addresses[0][1]
         if c.metrics_listen is not None:
@@ -432,6 +464,7 @@ class ProxyServer:
             )
         except AuthnFailure as failure:
             return await self._refuse_authn(r, failure)
+        self.admission.authenticated(request)  # no longer a stranger's connection (admission.py)
         peer = r.identity.peer.name
         try:
             r.info = classify(r.method, r.target)
@@ -876,6 +909,54 @@ def build_parser(prog: str) -> flags.Parser:
     p.option(
         "--readiness-probe-interval-seconds", "upstream probe interval", default="10", type=seconds
     )
+    p.option(
+        "--tls-handshake-timeout-seconds",
+        "time from accept to a done TLS handshake",
+        default="10",
+        type=flags.number(float, minimum=0.1),
+    )
+    p.option(
+        "--request-head-timeout-seconds",
+        "time from the TLS handshake (or a request's first byte) to its complete head",
+        default="20",
+        type=flags.number(float, minimum=0.1),
+    )
+    p.option(
+        "--idle-timeout-seconds",
+        "keep-alive time between a peer's requests",
+        default="90",
+        type=flags.number(float),
+    )
+    p.option(
+        "--max-unauthenticated-connections",
+        "connections not yet authenticated, in total (the oldest is cut for a new one)",
+        default="1000",
+        type=count,
+    )
+    p.option(
+        "--max-unauthenticated-per-source",
+        "connections not yet authenticated per source address (IPv6: per /64); more are reset",
+        default="250",
+        type=count,
+    )
+    p.option(
+        "--max-request-line-bytes",
+        "longest request-target (431 beyond)",
+        default="16384",
+        type=flags.number(minimum=1024),
+    )
+    p.option(
+        "--max-header-bytes",
+        "longest header, name + value (431 beyond)",
+        default="16384",
+        type=flags.number(minimum=1024),
+    )
+    p.option(
+        "--max-headers",
+        "most headers in a request (431 beyond)",
+        default="64",
+        type=flags.number(minimum=16),
+    )
     p.log_options()
     return p
 
@@ -924,6 +1005,14 @@ def config_from_args(ns: argparse.Namespace) -> ServeConfig:
         reload_interval_seconds=ns.reload_interval_seconds,
         shutdown_grace_seconds=ns.shutdown_grace_seconds,
         readiness_probe_interval_seconds=ns.readiness_probe_interval_seconds,
+        tls_handshake_timeout_seconds=ns.tls_handshake_timeout_seconds,
+        request_head_timeout_seconds=ns.request_head_timeout_seconds,
+        idle_timeout_seconds=ns.idle_timeout_seconds,
+        max_unauthenticated_connections=ns.max_unauthenticated_connections,
+        max_unauthenticated_per_source=ns.max_unauthenticated_per_source,
+        max_request_line_bytes=ns.max_request_line_bytes,
+        max_header_bytes=ns.max_header_bytes,
+        max_headers=ns.max_headers,
     )
 
 

@@ -313,6 +313,9 @@ def run(args: argparse.Namespace) -> int:
                      "--max-watches-per-peer", str(args.watches + 100),
                      "--max-requests-per-peer", "1000",
                      "--upstream-max-connections", str(args.watches + 500),
+                     # One address stands for every peer here, ramping up faster than real ones.
+                     "--max-unauthenticated-per-source", str(args.watches + 500),
+                     "--max-unauthenticated-connections", str(args.watches + 500),
                      "--audit-log", str(tmp / "audit.log"), "--log-level", "warning"],
                     stdout=log, stderr=log, env=env,
                 )  # fmt: skip
