@@ -75,7 +75,7 @@ class Exchange:
     decision: Decision | None = None  # what the policy said
     allowed: bool | None = None  # the audited decision (a policy "allow" may still be overruled)
     upgrade: bool = False
-    streamed: bool = False  # a watch's or upgraded session's head went out: a stream ended
+    streamed: bool = False  # a watch's or upgraded session's head went out
     annotations: dict[str, object] = field(default_factory=dict)
     code: int = 0  # the status the client was sent (0: nothing yet)
     bytes_sent: int = 0

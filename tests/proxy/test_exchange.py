@@ -11,6 +11,7 @@ request was forwarded without sleeping.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import tempfile
 from collections.abc import AsyncIterator
@@ -18,10 +19,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from apiproxy.server import ProxyServer
-from tests.proxy.conftest import POLICY, Files, ProxyFactory, World, audit_records, make_files
+from tests.proxy.conftest import (
+    POLICY,
+    POLICY_NO_ENDPOINTS,
+    Files,
+    ProxyFactory,
+    Recorder,
+    World,
+    audit_records,
+    make_files,
+)
 
 POLICY_WRITES = (
     POLICY
@@ -322,3 +333,85 @@ async def test_unexpected_error_is_a_500_with_one_record_and_one_sample(
         )
     ]
     assert holding.heads == []
+
+
+# -- the end reason of ordinary endings ----------------------------------------------------------
+
+
+def _records_by_id(files: Files) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in audit_records(files.audit):
+        out.setdefault(r["auditID"], []).append(r)
+    return out
+
+
+async def test_answers_and_refusals_end_completed_once_each(
+    world: World, recorder: Recorder, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    proxy, files = await make_proxy(recorder.url)
+    ctx = world.client_ssl(world.client_a, tmp_path)
+    codes = {}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s:
+        for target in ("/api/v1/pods", "/api/v1/secrets", "/api/v1/pods?watch=1&watch=0"):
+            async with s.get(proxy.url + target) as resp:
+                await resp.read()
+                codes[resp.headers["Audit-ID"]] = resp.status
+    assert sorted(codes.values()) == [200, 400, 403]
+    await proxy.audit.flush()
+    records = _records_by_id(files)
+    assert set(records) == set(codes)
+    for audit_id, code in codes.items():
+        (record,) = records[audit_id]
+        assert record["stage"] == "ResponseComplete"
+        assert record["responseStatus"]["code"] == code
+        assert record["annotations"]["apiproxy.io/ended-by"] == "completed"
+        assert "apiproxy.io/stream-ended-by" not in record["annotations"]
+    assert sum(samples(proxy).values()) == 3
+
+
+async def test_unreachable_upstream_ends_upstream_error(
+    world: World, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proxy, files = await make_proxy(f"https://127.0.0.1:{port}")
+    raw = await send(
+        world, tmp_path, proxy, b"GET /api/v1/pods HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    async with asyncio.timeout(WAIT):
+        answer = await raw.reader.read()
+    raw.writer.close()
+    assert answer.startswith(b"HTTP/1.1 503 ")
+    await proxy.audit.flush()
+    (record,) = [r for r in audit_records(files.audit) if r["verb"] == "list"]
+    assert record["annotations"]["apiproxy.io/ended-by"] == "upstream_error"
+    assert record["responseStatus"]["code"] == 503
+
+
+async def test_watch_ends_by_upstream_or_by_revocation(
+    world: World, recorder: Recorder, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    proxy, files = await make_proxy(recorder.url)
+    ctx = world.client_ssl(world.client_a, tmp_path)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s:
+        async with s.get(proxy.url + "/api/v1/pods?watch=1") as first:
+            first_id = first.headers["Audit-ID"]
+            recorder.events.put_nowait(None)  # the upstream ends this watch
+            assert await asyncio.wait_for(first.content.read(), WAIT) == b""
+        async with s.get(proxy.url + "/api/v1/endpoints?watch=1") as second:
+            second_id = second.headers["Audit-ID"]
+            files.policy.write_text(POLICY_NO_ENDPOINTS)
+            assert await proxy.reload_now() == [("policy", True)]
+            assert await asyncio.wait_for(second.content.read(), WAIT) == b""
+    async with asyncio.timeout(WAIT):
+        await proxy.wait_until(lambda: busy(proxy) == 0)
+    await proxy.audit.flush()
+    records = _records_by_id(files)
+    for audit_id, reason in ((first_id, "upstream"), (second_id, "revoked")):
+        started, done = records[audit_id]
+        assert (started["stage"], done["stage"]) == ("ResponseStarted", "ResponseComplete")
+        assert done["annotations"]["apiproxy.io/ended-by"] == reason
+        assert done["annotations"]["apiproxy.io/stream-ended-by"] == reason
+        assert done["responseStatus"]["code"] == 200
+    assert sum(samples(proxy).values()) == 2
