@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import enum
 import time
+import traceback
 import uuid
 from dataclasses import dataclass, field
 from typing import Literal
@@ -277,10 +278,16 @@ class Recorder:
     def upstream_answered(self, ex: Exchange, since: float) -> None:
         self.metrics.child(self.metrics.upstream_latency, ex.verb).observe(time.monotonic() - since)
 
-    def internal_error(self, ex: Exchange) -> web.Response | None:
+    def internal_error(self, ex: Exchange, exc: BaseException) -> web.Response | None:
         """A bug: log it loudly; a 500 `Status` unless the client already has an answer's head
         (then None: the caller lets aiohttp drop the connection)."""
-        _log.exception("internal_error", audit_id=ex.audit_id)
+        # The traceback as a field, so the log's credential redaction applies to it too.
+        _log.error(
+            "internal_error",
+            audit_id=ex.audit_id,
+            error=type(exc).__name__,
+            traceback="".join(traceback.format_exception(exc)),
+        )
         if ex.code:
             ex.end(EndReason.ERROR)
             return None

@@ -375,8 +375,8 @@ class ProxyServer:
         except asyncio.CancelledError:
             ex.end(EndReason.SHUTDOWN if self.stopping else EndReason.CLIENT)
             raise
-        except Exception:
-            answer = self.recorder.internal_error(ex)
+        except Exception as exc:
+            answer = self.recorder.internal_error(ex, exc)
             if answer is None:  # the client already has a head: aiohttp drops the connection
                 raise
             return answer

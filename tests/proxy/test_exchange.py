@@ -22,7 +22,11 @@ from typing import Any
 import aiohttp
 import pytest
 
+from apiproxy.exchange import EndReason, Exchange, UpstreamFailure
+from apiproxy.exchange import Recorder as ExchangeRecorder
+from apiproxy.metrics import Metrics
 from apiproxy.server import ProxyServer
+from apiproxy.streams import OpenStreams
 from tests.proxy.conftest import (
     POLICY,
     POLICY_NO_ENDPOINTS,
@@ -294,7 +298,11 @@ class _BrokenPolicy:
 
 
 async def test_unexpected_error_is_a_500_with_one_record_and_one_sample(
-    world: World, holding: Holding, make_proxy: ProxyFactory, tmp_path: Path
+    world: World,
+    holding: Holding,
+    make_proxy: ProxyFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     proxy, files = await make_proxy(holding.url)
     proxy.policy = _BrokenPolicy()  # type: ignore[assignment]
@@ -333,6 +341,9 @@ async def test_unexpected_error_is_a_500_with_one_record_and_one_sample(
         )
     ]
     assert holding.heads == []
+    logs = "".join(capsys.readouterr())
+    assert '"event": "internal_error"' in logs
+    assert "a bug in the policy engine" in logs  # loud, with the traceback, in the log
 
 
 # -- the end reason of ordinary endings ----------------------------------------------------------
@@ -415,3 +426,74 @@ async def test_watch_ends_by_upstream_or_by_revocation(
         assert done["annotations"]["apiproxy.io/stream-ended-by"] == reason
         assert done["responseStatus"]["code"] == 200
     assert sum(samples(proxy).values()) == 2
+
+
+# -- the units: exchange ending, open streams, the upstream-failure table ------------------------
+
+
+def _exchange() -> Exchange:
+    return Exchange(
+        audit_id="a", method="GET", target="/api/v1/pods", received=0.0, started=0.0,
+        source_ip="", user_agent="",
+    )  # fmt: skip
+
+
+def test_the_first_ending_counts() -> None:
+    ex = _exchange()
+    ex.end(EndReason.COMPLETED, 403)
+    ex.end(EndReason.CLIENT, 200)  # a cancellation after the refusal was made
+    assert (ex.ended_by, ex.code) == (EndReason.COMPLETED, 403)
+
+
+async def test_open_streams_deadline_revocation_and_shutdown() -> None:
+    streams = OpenStreams()
+    a, b, c = _exchange(), _exchange(), _exchange()
+    entered = {id(x): asyncio.Event() for x in (a, b)}
+
+    async def hold(ex: Exchange) -> None:
+        async with streams.bounded(ex, None):
+            entered[id(ex)].set()
+            await asyncio.Event().wait()  # only the stream's ending gets it out of here
+
+    tasks = [asyncio.create_task(hold(a)), asyncio.create_task(hold(b))]
+    async with asyncio.timeout(WAIT):
+        for e in entered.values():
+            await e.wait()
+    assert len(streams) == 2
+    streams.revoke(lambda ex: ex is b, "the policy no longer allows it")
+    async with asyncio.timeout(WAIT):
+        await tasks[0]
+    assert (a.ended_by, a.revoked) == (EndReason.REVOKED, "the policy no longer allows it")
+    assert b.revoked == ""
+    assert not tasks[1].done()
+    streams.end_all()
+    async with asyncio.timeout(WAIT):
+        await tasks[1]
+    assert b.ended_by is EndReason.SHUTDOWN
+    async with streams.bounded(c, None):  # opened after shutdown began: ended at once
+        await asyncio.Event().wait()
+    assert c.ended_by is EndReason.SHUTDOWN
+    assert len(streams) == 0
+
+
+async def test_open_streams_deadline_and_foreign_timeouts() -> None:
+    streams = OpenStreams()
+    ex = _exchange()
+    async with streams.bounded(ex, 0):
+        await asyncio.Event().wait()
+    assert ex.ended_by is EndReason.DEADLINE
+    other = _exchange()
+    with pytest.raises(TimeoutError):  # not the stream's own timeout: passed on untouched
+        async with streams.bounded(other, None):
+            raise TimeoutError
+    assert other.ended_by is None
+
+
+@pytest.mark.parametrize(("kind", "code"), [("connect", 503), ("timeout", 504), ("protocol", 502)])
+def test_one_table_maps_upstream_failures(kind: UpstreamFailure, code: int) -> None:
+    recorder = ExchangeRecorder(Metrics(), retry_after_seconds=1)
+    ex = _exchange()
+    resp = recorder.upstream_failed(ex, kind, "why")
+    assert resp.status == code == ex.code
+    assert ex.ended_by is EndReason.UPSTREAM_ERROR
+    assert recorder.metrics.upstream_errors.labels(kind)._value.get() == 1
