@@ -427,11 +427,12 @@ class ProxyServer:
 
     def _decide(self, request: web.BaseRequest, ex: Exchange) -> web.Response | None:
         assert ex.info is not None
-        ex.decide(self.policy.decide(ex.peer, ex.info))
-        if not ex.allowed:
+        decision = self.policy.decide(ex.peer, ex.info)
+        ex.decide(decision)
+        if not decision.allowed:
             return self.recorder.forbidden(ex)
         ex.upgrade = is_upgrade(request.headers)
-        if ex.upgrade and not (ex.decision is not None and ex.decision.dangerous):
+        if ex.upgrade and not decision.dangerous:
             ex.forbid("protocol upgrade refused: no rule marked dangerous allows it")
             return self.recorder.forbidden(ex, ": protocol upgrades need a dangerous rule")
         return None
