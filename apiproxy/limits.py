@@ -30,7 +30,8 @@ class PeerLimits:
         self._on_change = on_change
         self._requests: dict[str, int] = {}
         self._watches: dict[str, int] = {}
-        self._held: dict[Exchange, bool] = {}  # exchange → holds a watch slot
+        # exchange → (its slot is a watch slot, the peer, the gauge it raised)
+        self._held: dict[Exchange, tuple[bool, str, Gauge]] = {}
 
     def open_watches(self, peer: str) -> int:
         return self._watches.get(peer, 0)
@@ -47,24 +48,22 @@ class PeerLimits:
             self.metrics.limited.labels(peer, kind).inc()
             return f"too many concurrent {kind} from peer {peer!r} (limit {limit})"
         counts[peer] = counts.get(peer, 0) + 1
-        self._held[ex] = watch
-        self._gauge(peer, watch).inc()
+        m = self.metrics
+        gauge = m.child(m.open_watches if watch else m.inflight, peer)
+        gauge.inc()
+        self._held[ex] = (watch, peer, gauge)
         self._on_change()
         return None
 
     def release(self, ex: Exchange) -> None:
         """Give back the slot of `ex`, if it holds one."""
-        watch = self._held.pop(ex, None)
-        if watch is None:
+        held = self._held.pop(ex, None)
+        if held is None:
             return
-        counts = self._watches if watch else self._requests
-        counts[ex.peer] -= 1
-        self._gauge(ex.peer, watch).dec()
+        watch, peer, gauge = held
+        (self._watches if watch else self._requests)[peer] -= 1
+        gauge.dec()
         self._on_change()
-
-    def _gauge(self, peer: str, watch: bool) -> Gauge:
-        m = self.metrics
-        return m.child(m.open_watches if watch else m.inflight, peer)
 
 
 __all__ = ["PeerLimits"]
