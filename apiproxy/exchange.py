@@ -71,7 +71,8 @@ class Exchange:
     started: float  # monotonic, for durations
     source_ip: str
     user_agent: str
-    identity: Identity | None = None
+    identity: Identity | None = None  # set with `identify`
+    peer: str = ""  # the identity's peer name ("" while anonymous)
     info: RequestInfo | None = None
     decision: Decision | None = None  # what the policy said
     allowed: bool | None = None  # the audited decision (a policy "allow" may still be overruled)
@@ -96,9 +97,9 @@ class Exchange:
             user_agent=request.headers.get("User-Agent", ""),
         )
 
-    @property
-    def peer(self) -> str:
-        return self.identity.peer.name if self.identity is not None else ""
+    def identify(self, identity: Identity) -> None:
+        self.identity = identity
+        self.peer = identity.peer.name
 
     @property
     def verb(self) -> str:

@@ -441,9 +441,7 @@ async def _send(
     raise AssertionError("unreachable: the second attempt always returns")
 
 
-def _stream_deadline(ctx: ForwardContext, ex: Exchange, watch: bool) -> float | None:
-    if not watch:
-        return None
+def _watch_deadline(ctx: ForwardContext, ex: Exchange) -> float:
     deadline = ctx.limits.max_stream_seconds
     try:
         value = URL(ex.target, encoded=True).query.get("timeoutSeconds")
@@ -488,7 +486,8 @@ async def _stream(
             if streaming
             else None
         )
-        async with ctx.streams.bounded(ex, _stream_deadline(ctx, ex, watch)):
+        deadline = _watch_deadline(ctx, ex) if watch else None
+        async with ctx.streams.bounded(ex, deadline):
             await copy_stream(up, resp.write, counter, result)
         if ex.ended_by is not None:  # deadline, revocation or shutdown: end the body cleanly
             pass

@@ -407,7 +407,7 @@ class ProxyServer:
             if len(request.headers.getall("Authorization", ())) > 1:
                 # Parsers disagree on which of several credentials counts: accept none.
                 raise AuthnFailure("multiple_authorization_headers")
-            ex.identity = authenticate(
+            identity = authenticate(
                 self.peers,
                 certificate=peer_certificate(request.transport),
                 authorization=request.headers.get("Authorization"),
@@ -416,6 +416,7 @@ class ProxyServer:
             )
         except AuthnFailure as failure:
             return self.recorder.refuse_authn(ex, failure)
+        ex.identify(identity)
         return None
 
     def _classify(self, ex: Exchange) -> web.Response | None:
