@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from cryptography import x509
 
 from apiproxy import tokens
+from apiproxy.audit import events as ev
 from apiproxy.peers import Peer, PeerSet
 
 
@@ -41,13 +42,13 @@ class Identity:
     def extra(self) -> dict[str, list[str]]:
         """`user.extra` of the audit record."""
         out = {
-            "apiproxy.io/authenticated-by": list(self.methods),
-            "apiproxy.io/cluster-uuid": [self.peer.cluster_uuid],
+            ev.EXTRA_AUTHENTICATED_BY: list(self.methods),
+            ev.EXTRA_CLUSTER_UUID: [self.peer.cluster_uuid],
         }
         if self.cert_subject is not None:
-            out["apiproxy.io/certificate-subject"] = [self.cert_subject]
+            out[ev.EXTRA_CERT_SUBJECT] = [self.cert_subject]
         if self.token_subject is not None:
-            out["apiproxy.io/token-subject"] = [self.token_subject]
+            out[ev.EXTRA_TOKEN_SUBJECT] = [self.token_subject]
         return out
 
 

@@ -9,18 +9,33 @@ header the client names in `Connection` — stays behind. The proxy adds its own
 
 Bodies are bytes both ways (protobuf, JSON, gzip): no decompression, no re-encoding. Responses are
 copied chunk by chunk as they arrive (`iter_any`), so a watch event never waits for the next one.
+
+`forward` is the pipeline's last stage for an allowed, admitted request: it depends only on the
+request's `Exchange` and a `ForwardContext` (upstream, pool, recorder, open streams, limits); the
+pipeline writes the exchange's final record however `forward` ends.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
+from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
+
+from apiproxy.audit import events as ev
+from apiproxy.exchange import EndReason, Exchange, Recorder, UpstreamFailure
+from apiproxy.streams import OpenStreams
+from apiproxy.upstream import UpstreamConfig
+
+# A watch's own `timeoutSeconds` ends it upstream; the proxy's deadline allows this much slack.
+WATCH_DEADLINE_SLACK = 30.0
 
 FORWARDED_REQUEST_HEADERS = frozenset(
     {
@@ -307,3 +322,193 @@ def release_quietly(resp: aiohttp.ClientResponse) -> None:
     """Close the upstream response (and its connection, if the body was not fully read)."""
     with contextlib.suppress(Exception):
         resp.close()
+
+
+# -- forwarding one exchange ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardLimits:
+    upstream_timeout: float  # to the response headers (all), between body reads (non-watches)
+    connect_timeout: float  # to a new upstream connection (upgrades; the pool has its own)
+    max_stream_seconds: float  # longest watch or upgraded session
+    max_body_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardContext:
+    """What forwarding needs from the proxy, and nothing else."""
+
+    upstream: UpstreamConfig
+    pool: UpstreamPool
+    recorder: Recorder
+    streams: OpenStreams
+    limits: ForwardLimits
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _UpstreamFailed(Exception):
+    def __init__(self, kind: UpstreamFailure, error: str) -> None:
+        super().__init__(kind)
+        self.kind: UpstreamFailure = kind
+        self.error = error
+
+
+async def forward(
+    ctx: ForwardContext, request: web.BaseRequest, ex: Exchange
+) -> web.StreamResponse:
+    """Send the request upstream with the proxy's credential and stream the answer back."""
+    try:
+        body = await _read_body(request, ctx.limits.max_body_bytes)
+    except _TooLarge:
+        return ctx.recorder.refuse(
+            ex, 413, f"request body larger than {ctx.limits.max_body_bytes} bytes"
+        )
+    headers = upstream_request_headers(request.headers)
+    ctx.upstream.authorize(headers)
+    headers["Audit-ID"] = ex.audit_id
+    watch = ex.verb == "watch"
+    started = time.monotonic()
+    try:
+        up = await _send(ctx, ex, headers, body, watch)
+    except _UpstreamFailed as failed:
+        return ctx.recorder.upstream_failed(ex, failed.kind, failed.error)
+    ctx.recorder.upstream_answered(ex, started)
+    try:
+        return await _stream(ctx, request, ex, up, watch)
+    finally:
+        release_quietly(up)
+
+
+async def _read_body(request: web.BaseRequest, limit: int) -> bytes | None:
+    if not request.body_exists:
+        return None
+    if request.content_length is not None and request.content_length > limit:
+        raise _TooLarge
+    data = bytearray()
+    async for chunk in request.content.iter_any():
+        data += chunk
+        if len(data) > limit:
+            raise _TooLarge
+    return bytes(data)
+
+
+async def _send(
+    ctx: ForwardContext,
+    ex: Exchange,
+    headers: CIMultiDict[str],
+    body: bytes | None,
+    watch: bool,
+) -> aiohttp.ClientResponse:
+    url = ctx.upstream.target(ex.target)
+    timeout = ctx.limits.upstream_timeout
+    for attempt in (1, 2):
+        try:
+            # Response headers must come within the timeout even for watches, whose body has no
+            # read timeout: a hung upstream must not hold a watch slot forever.
+            async with asyncio.timeout(timeout):
+                up = await ctx.pool.send(
+                    ex.method,
+                    url,
+                    headers,
+                    body,
+                    read_timeout=None if watch else timeout,
+                    server_hostname=ctx.upstream.tls_server_name,
+                    watch=watch,
+                )
+        except aiohttp.ClientConnectorError as exc:
+            raise _UpstreamFailed("connect", type(exc).__name__) from None
+        except TimeoutError:
+            raise _UpstreamFailed("timeout", "TimeoutError") from None
+        except aiohttp.ClientError as exc:
+            raise _UpstreamFailed("protocol", type(exc).__name__) from None
+        # A rotated token may have been rejected before the watcher saw the new file.
+        tok = ctx.upstream.token
+        if (
+            up.status == 401
+            and attempt == 1
+            and ex.method in ("GET", "HEAD")
+            and tok is not None
+            and tok.refresh()
+        ):
+            release_quietly(up)
+            ctx.upstream.authorize(headers)
+            continue
+        return up
+    raise AssertionError("unreachable: the second attempt always returns")
+
+
+def _watch_deadline(ctx: ForwardContext, ex: Exchange) -> float:
+    deadline = ctx.limits.max_stream_seconds
+    try:
+        value = URL(ex.target, encoded=True).query.get("timeoutSeconds")
+        asked = float(value) if value is not None and float(value) > 0 else None
+    except ValueError:
+        asked = None
+    return deadline if asked is None else min(asked + WATCH_DEADLINE_SLACK, deadline)
+
+
+async def _stream(
+    ctx: ForwardContext,
+    request: web.BaseRequest,
+    ex: Exchange,
+    up: aiohttp.ClientResponse,
+    watch: bool,
+) -> web.StreamResponse:
+    headers = downstream_response_headers(up.headers)
+    headers["Audit-ID"] = ex.audit_id
+    streaming = watch and up.status == 200
+    if streaming:
+        headers.popall("Content-Length", None)
+    resp = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
+    if not watch and up.content_length is not None:
+        # A fixed-length body: send the headers together with its first bytes (or at the end
+        # for an empty body), one TLS record and one socket write for a small response instead
+        # of two, as aiohttp's own web.Response does. Open-ended (chunked) answers such as
+        # `logs?follow=true`, and watches, still get their headers at once.
+        resp._send_headers_immediately = False
+    result = CopyResult()
+    try:
+        try:
+            await resp.prepare(request)
+        except ConnectionError:
+            ex.end(EndReason.CLIENT)
+            return resp
+        ex.code = up.status
+        if watch:
+            ex.streamed = True
+            await ctx.recorder.started(ex, up.status)
+        counter = (
+            EventCounter(up.headers.get("Content-Type", ""), up.headers.get("Content-Encoding", ""))
+            if streaming
+            else None
+        )
+        deadline = _watch_deadline(ctx, ex) if watch else None
+        async with ctx.streams.bounded(ex, deadline):
+            await copy_stream(up, resp.write, counter, result)
+        if ex.ended_by is not None:  # deadline, revocation or shutdown: end the body cleanly
+            pass
+        elif result.ended_by == "client":
+            ex.end(EndReason.CLIENT)
+            return resp
+        elif result.ended_by == "upstream_error":
+            ctx.recorder.upstream_reset()
+            ex.end(EndReason.UPSTREAM_ERROR)
+            if not streaming:
+                # A truncated fixed-length body must not look complete: drop the connection.
+                if request.transport is not None:
+                    request.transport.close()
+                return resp
+        else:
+            ex.end(EndReason.UPSTREAM if watch else EndReason.COMPLETED)
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await resp.write_eof()
+        return resp
+    finally:
+        if watch:
+            ex.annotations[ev.WATCH_EVENTS] = result.events
+            ex.annotations[ev.WATCH_DURATION] = round(time.monotonic() - ex.started, 3)
+        ctx.recorder.body_sent(ex, result.bytes_sent, result.events if watch else None)

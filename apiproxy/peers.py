@@ -30,6 +30,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 
 from apiproxy import tokens
+from apiproxy.audit.events import peer_username
 from apiproxy.errors import UserError
 
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
@@ -49,7 +50,7 @@ class Peer:
 
     @property
     def username(self) -> str:
-        return f"peer:{self.name}"
+        return peer_username(self.name)
 
     def issued(self, leaf: x509.Certificate) -> bool:
         """True when one of this peer's own anchors directly signed `leaf`."""

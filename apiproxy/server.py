@@ -14,45 +14,32 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
-from aiohttp import web
+from aiohttp import ClientError, web
 from multidict import CIMultiDict
-from yarl import URL
 
-from apiproxy import __version__, flags, log, memory, status, tokens, upstream
+from apiproxy import __version__, flags, forward, log, memory, tokens, upgrade, upstream
 from apiproxy import admission as admission_mod
 from apiproxy import peers as peers_mod
-from apiproxy import upgrade as upgrade_mod
 from apiproxy.audit import AuditWriter
-from apiproxy.audit.events import make_event, object_ref_from_info
-from apiproxy.authn import AuthnFailure, Identity, authenticate
+from apiproxy.authn import AuthnFailure, authenticate
 from apiproxy.errors import UserError
-from apiproxy.forward import (
-    CopyResult,
-    EventCounter,
-    PoolLimits,
-    UpstreamPool,
-    copy_stream,
-    downstream_response_headers,
-    is_upgrade,
-    release_quietly,
-    upstream_request_headers,
-)
-from apiproxy.metrics import KNOWN_RESOURCES, KNOWN_SUBRESOURCES, Metrics
+from apiproxy.exchange import EndReason, Exchange, Recorder
+from apiproxy.forward import ForwardContext, ForwardLimits, PoolLimits, UpstreamPool, is_upgrade
+from apiproxy.limits import PeerLimits
+from apiproxy.metrics import Metrics
 from apiproxy.policy import Policy
 from apiproxy.reload import FileWatcher
-from apiproxy.request import METHOD_VERBS, RequestRejected, classify
+from apiproxy.request import RequestRejected, classify
+from apiproxy.streams import OpenStreams
 from apiproxy.tasks import cancel_and_wait
 from apiproxy.tls import ServerTLS, peer_certificate
 
 _log = log.get_logger("apiproxy.server")
 MiB = 1024 * 1024
-PEER_GROUP = "apiproxy:peers"
-ANONYMOUS = "system:anonymous"
 
 
 @dataclass
@@ -93,22 +80,6 @@ class ServeConfig:
     max_headers: int = 64
 
 
-@dataclass
-class _Req:
-    audit_id: str
-    method: str
-    target: str
-    received: float
-    started: float
-    source_ip: str
-    user_agent: str
-    identity: Identity | None = None
-    info: Any = None
-    annotations: dict[str, object] = field(default_factory=dict)
-    upgrade: bool = False
-    revoked: str = ""  # why an open stream was ended by a reload
-
-
 class ProxyServer:
     """One proxy instance: TLS listener, upstream pool, reload loop, metrics listener."""
 
@@ -135,13 +106,32 @@ class ProxyServer:
             ),
         )
         self.watcher = FileWatcher(config.reload_interval_seconds, on_result=self._reload_result)
-        self.audit: Any = None
+        self.audit: AuditWriter | None = None
+        self.recorder = Recorder(self.metrics, retry_after_seconds=config.retry_after_seconds)
+        self.recorder.policy_changed(_named_resources(self.policy))
+        self.limits = PeerLimits(
+            self.metrics,
+            max_requests=config.max_requests_per_peer,
+            max_watches=config.max_watches_per_peer,
+            on_change=self._notify,
+        )
+        # Answers being streamed (watches and upgraded sessions above all), so that shutdown
+        # and revocations can end them.
+        self.streams = OpenStreams()
+        self.forwarding = ForwardContext(
+            upstream=self.upstream,
+            pool=self.pool,
+            recorder=self.recorder,
+            streams=self.streams,
+            limits=ForwardLimits(
+                upstream_timeout=config.upstream_timeout_seconds,
+                connect_timeout=config.upstream_connect_timeout_seconds,
+                max_stream_seconds=config.max_watch_seconds,
+                max_body_bytes=config.max_body_bytes,
+            ),
+        )
         self._runner: web.ServerRunner | None = None
         self._metrics_runner: web.AppRunner | None = None
-        self._inflight: dict[str, int] = {}
-        self._watches: dict[str, int] = {}
-        # Open watches and upgraded streams, so shutdown and revocations can end them.
-        self._streams: dict[asyncio.Timeout, _Req] = {}
         self._probe_task: asyncio.Task[None] | None = None
         self._trim_task: asyncio.Task[None] | None = None
         self.upstream_ok: bool | None = None
@@ -159,7 +149,8 @@ class ProxyServer:
         return f"https://{self.config.listen_host}:{self.port}"
 
     def open_watches(self, peer: str) -> int:
-        return self._watches.get(peer, 0)
+        """Watches and upgraded sessions of `peer` being served."""
+        return self.limits.open_watches(peer)
 
     def _notify(self) -> None:
         if self._changed is not None:
@@ -183,6 +174,7 @@ class ProxyServer:
                 c.audit_log, max_bytes=c.audit_max_bytes, backups=c.audit_backups
             )
             await self.audit.start()
+            self.recorder.audit = self.audit
         await self.pool.start()
         self._watch_inputs()
         self.watcher.start()
@@ -245,10 +237,8 @@ class ProxyServer:
         if self.stopping:
             return
         self.stopping = True
-        _log.info("stopping", open_watches=sum(self._watches.values()))
-        loop = asyncio.get_running_loop()
-        for t in list(self._streams):
-            t.reschedule(loop.time())
+        _log.info("stopping", open_streams=len(self.streams))
+        self.streams.end_all()
         await cancel_and_wait(self._probe_task, self._trim_task)
         await self.watcher.stop()
         if self._runner is not None:
@@ -280,45 +270,16 @@ class ProxyServer:
         for what in ("policy", "peers", "tls"):  # the series exist from the start, for alerts
             self.metrics.reload_failing.labels(what).set(0)
 
-    @contextlib.asynccontextmanager
-    async def stream_deadline(self, r: _Req, seconds: float | None) -> AsyncIterator[None]:
-        """Bound a long-lived stream by `seconds`, shutdown and revocation; raises TimeoutError
-        when one of them ends it (`stream_end_reason` says which)."""
-        loop = asyncio.get_running_loop()
-        when = None if seconds is None else loop.time() + seconds
-        async with asyncio.timeout_at(when) as tmo:
-            self._streams[tmo] = r
-            if self.stopping:
-                tmo.reschedule(loop.time())
-            try:
-                yield
-            finally:
-                self._streams.pop(tmo, None)
-
-    def stream_end_reason(self, r: _Req) -> str:
-        if self.stopping:
-            return "shutdown"
-        return "revoked" if r.revoked else "deadline"
-
-    def _revoke(self, still_allowed: Callable[[_Req], bool], why: str) -> None:
-        """End open streams that the new peers or policy no longer allow: an open watch must
-        not outlive the permission that opened it."""
-        loop = asyncio.get_running_loop()
-        for tmo, r in list(self._streams.items()):
-            if not r.revoked and not still_allowed(r):
-                r.revoked = why
-                _log.warning("stream_revoked", audit_id=r.audit_id, why=why)
-                tmo.reschedule(loop.time())
-
-    def _policy_still_allows(self, r: _Req) -> bool:
-        if r.identity is None or r.info is None:
+    def _policy_still_allows(self, ex: Exchange) -> bool:
+        if ex.identity is None or ex.info is None:
             return False
-        decision = self.policy.decide(r.identity.peer.name, r.info)
-        return decision.allowed and (decision.dangerous or not r.upgrade)
+        decision = self.policy.decide(ex.identity.peer.name, ex.info)
+        return decision.allowed and (decision.dangerous or not ex.upgrade)
 
     def _reload_policy(self) -> None:
         self.policy = Policy.load(self.config.policy)
-        self._revoke(self._policy_still_allows, "the policy no longer allows it")
+        self.recorder.policy_changed(_named_resources(self.policy))
+        self.streams.revoke(self._policy_still_allows, "the policy no longer allows it")
 
     def _reload_peers(self) -> None:
         new = peers_mod.load(self.config.peers, own_cluster_uuid=self.config.cluster_uuid)
@@ -327,10 +288,10 @@ class ProxyServer:
         self.token_cache.clear()
         for w in new.warnings:
             _log.warning("peers_warning", warning=w)
-        self._revoke(
-            lambda r: (
-                r.identity is not None
-                and peers_mod.same_credentials(new.by_name(r.identity.peer.name), r.identity.peer)
+        self.streams.revoke(
+            lambda ex: (
+                ex.identity is not None
+                and peers_mod.same_credentials(new.by_name(ex.identity.peer.name), ex.identity.peer)
             ),
             "the peer was removed or its credentials changed",
         )
@@ -367,9 +328,7 @@ class ProxyServer:
 
     async def _probe_once(self) -> bool:
         headers: CIMultiDict[str] = CIMultiDict()
-        token = self.upstream.token.get() if self.upstream.token else None
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
+        self.upstream.authorize(headers)
         try:
             resp = await self.pool.send(
                 "GET",
@@ -379,7 +338,7 @@ class ProxyServer:
                 read_timeout=5.0,
                 server_hostname=self.upstream.tls_server_name,
             )
-        except (aiohttp.ClientError, TimeoutError, OSError):
+        except (ClientError, TimeoutError, OSError):
             return False
         async with resp:
             await resp.read()
@@ -439,23 +398,51 @@ class ProxyServer:
             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
         )
 
-    # -- requests -----------------------------------------------------------------------------
+    # -- requests: the pipeline ----------------------------------------------------------------
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        r = _Req(
-            audit_id=str(uuid.uuid4()),
-            method=request.method,
-            target=request.raw_path,
-            received=time.time(),
-            started=time.monotonic(),
-            source_ip=request.remote or "",
-            user_agent=request.headers.get("User-Agent", ""),
-        )
+        """One exchange per request. However the pipeline ends (an answer, a refusal, the client
+        going away, which cancels this handler, or a bug), the `finally` writes its one final
+        audit record and metrics sample before its per-peer slot is given back."""
+        ex = Exchange.begin(request)
+        try:
+            return await self._pipeline(request, ex)
+        except asyncio.CancelledError:
+            ex.end(EndReason.SHUTDOWN if self.stopping else EndReason.CLIENT)
+            raise
+        except Exception as exc:
+            answer = self.recorder.internal_error(ex, exc)
+            if answer is None:  # the client already has a head: aiohttp drops the connection
+                raise
+            return answer
+        finally:
+            try:
+                await self.recorder.complete(ex)
+            finally:
+                self.limits.release(ex)
+
+    async def _pipeline(self, request: web.BaseRequest, ex: Exchange) -> web.StreamResponse:
+        """authenticate → classify → decide → limits → forward or upgrade; each stage either
+        fills in the exchange or answers with a refusal."""
+        if (refused := self._authenticate(request, ex)) is not None:
+            return refused
+        if (refused := self._classify(ex)) is not None:
+            return refused
+        if (refused := self._decide(request, ex)) is not None:
+            return refused
+        if (too_many := self.limits.admit(ex)) is not None:
+            retry = {"Retry-After": str(self.config.retry_after_seconds)}
+            return self.recorder.refuse(ex, 429, too_many, headers=retry)
+        if ex.upgrade:
+            return await upgrade.relay(self.forwarding, request, ex)
+        return await forward.forward(self.forwarding, request, ex)
+
+    def _authenticate(self, request: web.BaseRequest, ex: Exchange) -> web.Response | None:
         try:
             if len(request.headers.getall("Authorization", ())) > 1:
                 # Parsers disagree on which of several credentials counts: accept none.
                 raise AuthnFailure("multiple_authorization_headers")
-            r.identity = authenticate(
+            identity = authenticate(
                 self.peers,
                 certificate=peer_certificate(request.transport),
                 authorization=request.headers.get("Authorization"),
@@ -463,371 +450,33 @@ class ProxyServer:
                 token_cache=self.token_cache,
             )
         except AuthnFailure as failure:
-            return await self._refuse_authn(r, failure)
+            return self.recorder.refuse_authn(ex, failure)
+        ex.identify(identity)
         self.admission.authenticated(request)  # no longer a stranger's connection (admission.py)
-        peer = r.identity.peer.name
-        try:
-            r.info = classify(r.method, r.target)
-        except RequestRejected as exc:
-            return await self._refuse(r, 400, f"invalid request: {exc.reason}", decision=None)
-        decision = self.policy.decide(peer, r.info)
-        r.annotations["authorization.k8s.io/decision"] = "allow" if decision.allowed else "forbid"
-        r.annotations["authorization.k8s.io/reason"] = decision.reason
-        r.annotations["apiproxy.io/rule"] = decision.rule
-        if not decision.allowed:
-            return await self._refuse(r, 403, self._forbidden_message(r), decision="forbid")
-        upgrading = r.upgrade = is_upgrade(request.headers)
-        if upgrading and not decision.dangerous:
-            r.annotations["authorization.k8s.io/decision"] = "forbid"
-            r.annotations["authorization.k8s.io/reason"] = (
-                "protocol upgrade refused: no rule marked dangerous allows it"
-            )
-            return await self._refuse(
-                r,
-                403,
-                self._forbidden_message(r) + ": protocol upgrades need a dangerous rule",
-                decision="forbid",
-            )
-        # Upgraded sessions (exec, attach, port-forward) are long-lived: limited like watches.
-        is_watch = r.info.verb == "watch" or upgrading
-        counts = self._watches if is_watch else self._inflight
-        limit = self.config.max_watches_per_peer if is_watch else self.config.max_requests_per_peer
-        if counts.get(peer, 0) >= limit:
-            kind = "watches" if is_watch else "requests"
-            self.metrics.limited.labels(peer, kind).inc()
-            return await self._refuse(
-                r,
-                429,
-                f"too many concurrent {kind} from peer {peer!r} (limit {limit})",
-                decision="allow",
-                headers={"Retry-After": str(self.config.retry_after_seconds)},
-            )
-        counts[peer] = counts.get(peer, 0) + 1
-        gauge = self.metrics.child(
-            self.metrics.open_watches if is_watch else self.metrics.inflight, peer
-        )
-        gauge.inc()
-        self._notify()
-        try:
-            if upgrading:
-                return await upgrade_mod.relay(self, request, r)
-            return await self._forward(request, r, is_watch)
-        finally:
-            counts[peer] -= 1
-            gauge.dec()
-            self._notify()
-
-    def _forbidden_message(self, r: _Req) -> str:
-        info = r.info
-        user = r.identity.peer.username if r.identity else ANONYMOUS
-        if not info.is_resource_request:
-            return f'forbidden: User "{user}" cannot {info.verb} path "{info.path}"'
-        resource = info.resource + (f"/{info.subresource}" if info.subresource else "")
-        subject = f'{info.resource} "{info.name}"' if info.name else info.resource
-        where = f'the namespace "{info.namespace}"' if info.namespace else "the cluster scope"
-        prep = "in" if info.namespace else "at"
-        return (
-            f'{subject} is forbidden: User "{user}" cannot {info.verb} resource "{resource}"'
-            f' in API group "{info.api_group}" {prep} {where}'
-        )
-
-    async def _read_body(self, request: web.BaseRequest) -> bytes | None:
-        if not request.body_exists:
-            return None
-        limit = self.config.max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
-            raise _TooLarge
-        data = bytearray()
-        async for chunk in request.content.iter_any():
-            data += chunk
-            if len(data) > limit:
-                raise _TooLarge
-        return bytes(data)
-
-    async def _forward(
-        self, request: web.BaseRequest, r: _Req, is_watch: bool
-    ) -> web.StreamResponse:
-        try:
-            body = await self._read_body(request)
-        except _TooLarge:
-            return await self._refuse(
-                r,
-                413,
-                f"request body larger than {self.config.max_body_bytes} bytes",
-                decision="allow",
-            )
-        headers = upstream_request_headers(request.headers)
-        token = self.upstream.token.get() if self.upstream.token else None
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        headers["Audit-ID"] = r.audit_id
-        url = self.upstream.target(r.target)
-        deadline_in: float | None = None
-        if is_watch:
-            deadline_in = self.config.max_watch_seconds
-            asked = _timeout_seconds(r.target)
-            if asked is not None:
-                # The upstream ends the watch at timeoutSeconds; allow it a little slack.
-                deadline_in = min(asked + 30.0, deadline_in)
-        t0 = time.monotonic()
-        up: aiohttp.ClientResponse | None = None
-        for attempt in (1, 2):
-            try:
-                # Response headers must come within the timeout even for watches, whose body
-                # has no read timeout: a hung upstream must not hold a watch slot forever.
-                async with asyncio.timeout(self.config.upstream_timeout_seconds):
-                    up = await self.pool.send(
-                        r.method,
-                        url,
-                        headers,
-                        body,
-                        read_timeout=None if is_watch else self.config.upstream_timeout_seconds,
-                        server_hostname=self.upstream.tls_server_name,
-                        watch=is_watch,
-                    )
-            except aiohttp.ClientConnectorError as exc:
-                self.metrics.upstream_errors.labels("connect").inc()
-                _log.warning("upstream_unreachable", audit_id=r.audit_id, error=type(exc).__name__)
-                return await self._refuse(
-                    r, 503, "upstream API server unreachable", decision="allow"
-                )
-            except TimeoutError:
-                self.metrics.upstream_errors.labels("timeout").inc()
-                return await self._refuse(r, 504, "upstream API server timed out", decision="allow")
-            except aiohttp.ClientError as exc:
-                self.metrics.upstream_errors.labels("protocol").inc()
-                _log.warning("upstream_failed", audit_id=r.audit_id, error=type(exc).__name__)
-                return await self._refuse(r, 502, "upstream API server failed", decision="allow")
-            # A rotated token may have been rejected before the watcher saw the new file.
-            tok = self.upstream.token
-            if (
-                up.status == 401
-                and attempt == 1
-                and r.method in ("GET", "HEAD")
-                and tok is not None
-                and tok.refresh()
-            ):
-                release_quietly(up)
-                new = tok.get()
-                if new:
-                    headers["Authorization"] = f"Bearer {new}"
-                continue
-            break
-        assert up is not None
-        self.metrics.child(self.metrics.upstream_latency, r.info.verb).observe(
-            time.monotonic() - t0
-        )
-        try:
-            return await self._stream(request, r, up, is_watch, deadline_in)
-        finally:
-            release_quietly(up)
-
-    async def _stream(
-        self,
-        request: web.BaseRequest,
-        r: _Req,
-        up: aiohttp.ClientResponse,
-        is_watch: bool,
-        deadline_in: float | None,
-    ) -> web.StreamResponse:
-        assert r.identity is not None
-        peer = r.identity.peer.name
-        headers = downstream_response_headers(up.headers)
-        headers["Audit-ID"] = r.audit_id
-        streaming = is_watch and up.status == 200
-        if streaming:
-            headers.popall("Content-Length", None)
-        resp = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
-        if not is_watch and up.content_length is not None:
-            # A fixed-length body: send the headers together with its first bytes (or at the end
-            # for an empty body), one TLS record and one socket write for a small response instead
-            # of two, as aiohttp's own web.Response does. Open-ended (chunked) answers such as
-            # `logs?follow=true`, and watches, still get their headers at once.
-            resp._send_headers_immediately = False
-        code = up.status
-        result = CopyResult()
-        ended = "upstream"
-        try:
-            await resp.prepare(request)
-            if is_watch:
-                self._observe_latency(r)
-                await self._audit(r, "ResponseStarted", code)
-            counter = (
-                EventCounter(
-                    up.headers.get("Content-Type", ""), up.headers.get("Content-Encoding", "")
-                )
-                if streaming
-                else None
-            )
-            try:
-                async with self.stream_deadline(r, deadline_in):
-                    await copy_stream(up, resp.write, counter, result)
-                ended = result.ended_by
-            except TimeoutError:
-                ended = self.stream_end_reason(r)
-            if ended == "client":
-                pass
-            elif ended == "upstream_error" and not streaming:
-                # A truncated fixed-length body must not look complete: drop the connection.
-                self.metrics.upstream_errors.labels("reset").inc()
-                if request.transport is not None:
-                    request.transport.close()
-            else:
-                if ended == "upstream_error":
-                    self.metrics.upstream_errors.labels("reset").inc()
-                with contextlib.suppress(ConnectionError, RuntimeError):
-                    await resp.write_eof()
-            return resp
-        except asyncio.CancelledError:
-            ended = "client"
-            raise
-        finally:
-            sent = result.bytes_sent
-            r.annotations["apiproxy.io/bytes-sent"] = sent
-            if is_watch:
-                events = result.events
-                r.annotations["apiproxy.io/watch-events"] = events
-                r.annotations["apiproxy.io/watch-duration-seconds"] = round(
-                    time.monotonic() - r.started, 3
-                )
-                r.annotations["apiproxy.io/stream-ended-by"] = ended
-                self.metrics.watch_events.labels(peer).inc(events)
-            else:
-                self._observe_latency(r)
-            self.metrics.child(self.metrics.bytes_sent, peer).inc(sent)
-            self._count(r, code, "allow")
-            await self._audit(r, "ResponseComplete", code)
-
-    # -- refusals, audit, metrics -------------------------------------------------------------
-
-    def _labels(self, r: _Req) -> tuple[str, str, str]:
-        """Metric labels with bounded values: label values must never come from what a caller
-        can invent (a path, a method token), or anyone could grow the series without limit.
-        Resources outside Kubernetes' built-ins and the policy are `(other)`; the audit log has
-        the details."""
-        peer = r.identity.peer.name if r.identity else ""
-        info = r.info
-        if info is None:
-            return peer, METHOD_VERBS.get(r.method, "other"), ""
-        if not info.is_resource_request:
-            return peer, info.verb, "nonresource"
-        if not self._known_resource(info.resource) or (
-            info.subresource and info.subresource not in KNOWN_SUBRESOURCES
-        ):
-            return peer, info.verb, "(other)"
-        res = info.resource + (f"/{info.subresource}" if info.subresource else "")
-        return peer, info.verb, res
-
-    def _known_resource(self, resource: str) -> bool:
-        if resource in KNOWN_RESOURCES:
-            return True
-        return any(resource in rule.resources for rule in self.policy.rules)
-
-    def _count(self, r: _Req, code: int, decision: str) -> None:
-        peer, verb, res = self._labels(r)
-        self.metrics.child(self.metrics.requests, peer, verb, res, str(code), decision).inc()
-
-    def _observe_latency(self, r: _Req) -> None:
-        peer, verb, res = self._labels(r)
-        self.metrics.child(self.metrics.latency, peer, verb, res).observe(
-            time.monotonic() - r.started
-        )
-
-    async def _refuse_authn(self, r: _Req, failure: AuthnFailure) -> web.StreamResponse:
-        self.metrics.authn_failures.labels(failure.reason).inc()
-        r.annotations["apiproxy.io/authn-failure"] = failure.reason
-
-        with contextlib.suppress(RequestRejected):
-            r.info = classify(r.method, r.target)
-        _log.warning(
-            "authentication_failed",
-            audit_id=r.audit_id,
-            reason=failure.reason,
-            certificate_subject=failure.cert_subject,
-            source_ip=r.source_ip,
-        )
-        return await self._refuse(r, 401, "Unauthorized", decision=None)
-
-    async def _refuse(
-        self,
-        r: _Req,
-        code: int,
-        message: str,
-        *,
-        decision: str | None,
-        headers: dict[str, str] | None = None,
-    ) -> web.StreamResponse:
-        details: dict[str, Any] | None = None
-        info = r.info
-        if code == 403 and info is not None and info.is_resource_request:
-            details = {"kind": info.resource}
-            if info.name:
-                details["name"] = info.name
-            if info.api_group:
-                details["group"] = info.api_group
-        if code == 429:
-            details = {"retryAfterSeconds": self.config.retry_after_seconds}
-        body = status.status_bytes(code, message, details=details)
-        resp = web.Response(
-            status=code,
-            body=body,
-            headers={"Content-Type": "application/json", "Audit-ID": r.audit_id, **(headers or {})},
-        )
-        if code in (401, 403, 429) or code >= 500:
-            _log.info(
-                "refused",
-                audit_id=r.audit_id,
-                code=code,
-                peer=r.identity.peer.name if r.identity else None,
-                verb=getattr(info, "verb", r.method.lower()),
-                path=getattr(info, "path", None),
-                reason=r.annotations.get("authorization.k8s.io/reason")
-                or r.annotations.get("apiproxy.io/authn-failure")
-                or message,
-            )
-        r.annotations["apiproxy.io/bytes-sent"] = len(body)
-        self._observe_latency(r)
-        self._count(r, code, decision or "none")
-        await self._audit(r, "ResponseComplete", code)
-        return resp
-
-    async def _audit(self, r: _Req, stage: str, code: int) -> None:
-        if self.audit is None:
-            return
-
-        ident = r.identity
-        event = make_event(
-            audit_id=r.audit_id,
-            stage=stage,
-            request_uri=r.target,
-            verb=getattr(r.info, "verb", r.method.lower()),
-            username=ident.peer.username if ident else ANONYMOUS,
-            groups=[PEER_GROUP] if ident else ["system:unauthenticated"],
-            extra=ident.extra() if ident else None,
-            source_ips=[r.source_ip] if r.source_ip else [],
-            user_agent=r.user_agent,
-            object_ref=object_ref_from_info(r.info) if r.info is not None else None,
-            code=code,
-            received=r.received,
-            stage_time=time.time(),
-            annotations=dict(r.annotations),
-        )
-        try:
-            await self.audit.write(event)
-        except RuntimeError as exc:
-            _log.error("audit_write_failed", audit_id=r.audit_id, error=str(exc))
-
-
-class _TooLarge(Exception):
-    pass
-
-
-def _timeout_seconds(target: str) -> float | None:
-    try:
-        value = URL(target, encoded=True).query.get("timeoutSeconds")
-        return float(value) if value is not None and float(value) > 0 else None
-    except ValueError:
         return None
+
+    def _classify(self, ex: Exchange) -> web.Response | None:
+        try:
+            ex.info = classify(ex.method, ex.target)
+        except RequestRejected as exc:
+            return self.recorder.refuse(ex, 400, f"invalid request: {exc.reason}")
+        return None
+
+    def _decide(self, request: web.BaseRequest, ex: Exchange) -> web.Response | None:
+        assert ex.info is not None
+        decision = self.policy.decide(ex.peer, ex.info)
+        ex.decide(decision)
+        if not decision.allowed:
+            return self.recorder.forbidden(ex)
+        ex.upgrade = is_upgrade(request.headers)
+        if ex.upgrade and not decision.dangerous:
+            ex.forbid("protocol upgrade refused: no rule marked dangerous allows it")
+            return self.recorder.forbidden(ex, ": protocol upgrades need a dangerous rule")
+        return None
+
+
+def _named_resources(policy: Policy) -> frozenset[str]:
+    return frozenset(r for rule in policy.rules for r in rule.resources)
 
 
 # -- command line -------------------------------------------------------------------------------

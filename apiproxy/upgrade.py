@@ -33,19 +33,15 @@ import contextlib
 import ssl
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Literal, cast
 
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from apiproxy import log
-from apiproxy.forward import downstream_response_headers, upgrade_request_headers
-
-if TYPE_CHECKING:
-    from apiproxy.server import ProxyServer, _Req
-
-_log = log.get_logger("apiproxy.upgrade")
+from apiproxy.audit import events as ev
+from apiproxy.exchange import EndReason, Exchange
+from apiproxy.forward import ForwardContext, downstream_response_headers, upgrade_request_headers
 
 PROTOCOLS = frozenset({"websocket", "spdy/3.1"})  # what exec/attach/port-forward clients use
 SUBRESOURCES = frozenset({"exec", "attach", "portforward", "proxy"})
@@ -290,11 +286,14 @@ def attach_client_stream(request: web.BaseRequest) -> ClientStream:
 # -- the splice ----------------------------------------------------------------------------------
 
 
+SpliceEnd = Literal["upstream", "client", "upstream_error"]
+
+
 @dataclass
 class SpliceResult:
     to_client: int = 0
     to_upstream: int = 0
-    ended_by: str = "upstream"  # upstream | client | upstream_error | deadline | shutdown
+    ended_by: SpliceEnd = "upstream"
 
 
 async def splice(
@@ -302,7 +301,7 @@ async def splice(
 ) -> None:
     """Copy bytes both ways until either side ends; both copies are finished on return."""
 
-    async def downstream() -> str:
+    async def downstream() -> SpliceEnd:
         while True:
             try:
                 chunk = await up.reader.read(CHUNK)
@@ -316,7 +315,7 @@ async def splice(
                 return "client"
             result.to_client += len(chunk)
 
-    async def upstream() -> str:
+    async def upstream() -> SpliceEnd:
         while True:
             chunk = await client.read()
             if not chunk:
@@ -344,99 +343,87 @@ async def splice(
 # -- the handler ---------------------------------------------------------------------------------
 
 
-async def relay(server: ProxyServer, request: web.BaseRequest, r: _Req) -> web.StreamResponse:
+async def relay(ctx: ForwardContext, request: web.BaseRequest, ex: Exchange) -> web.StreamResponse:
     """Relay an upgrade request that a dangerous rule allows (see the module docstring)."""
-    cfg = server.config
+    info = ex.info
+    assert info is not None, "an upgrade is relayed only after classification"
     try:
-        protocol = check_request(request, r.info.subresource if r.info.is_resource_request else "")
+        protocol = check_request(request, info.subresource if info.is_resource_request else "")
         headers = upgrade_request_headers(request.headers)
-        token = server.upstream.token.get() if server.upstream.token else None
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        headers["Audit-ID"] = r.audit_id
-        head = request_head(r.method, server.upstream.url, r.target, headers)
+        ctx.upstream.authorize(headers)
+        headers["Audit-ID"] = ex.audit_id
+        head = request_head(ex.method, ctx.upstream.url, ex.target, headers)
     except UpgradeRefused as exc:
         if exc.code == 403:
-            r.annotations["authorization.k8s.io/decision"] = "forbid"
-            r.annotations["authorization.k8s.io/reason"] = exc.message
-        return await server._refuse(
-            r, exc.code, exc.message, decision="forbid" if exc.code == 403 else "allow"
-        )
-    r.annotations["apiproxy.io/upgrade"] = protocol
-    t0 = time.monotonic()
+            ex.forbid(exc.message)
+        return ctx.recorder.refuse(ex, exc.code, exc.message)
+    ex.annotations[ev.UPGRADE] = protocol
+    started = time.monotonic()
     try:
-        async with asyncio.timeout(cfg.upstream_connect_timeout_seconds):
-            up = await connect(
-                server.upstream.url, server.pool.ssl_context, server.upstream.tls_server_name
-            )
+        async with asyncio.timeout(ctx.limits.connect_timeout):
+            up = await connect(ctx.upstream.url, ctx.pool.ssl_context, ctx.upstream.tls_server_name)
     except TimeoutError:
-        server.metrics.upstream_errors.labels("timeout").inc()
-        return await server._refuse(r, 504, "upstream API server timed out", decision="allow")
+        return ctx.recorder.upstream_failed(ex, "timeout", "TimeoutError")
     except OSError as exc:
-        server.metrics.upstream_errors.labels("connect").inc()
-        _log.warning("upstream_unreachable", audit_id=r.audit_id, error=type(exc).__name__)
-        return await server._refuse(r, 503, "upstream API server unreachable", decision="allow")
+        return ctx.recorder.upstream_failed(ex, "connect", type(exc).__name__)
     try:
         try:
-            async with asyncio.timeout(cfg.upstream_timeout_seconds):
+            async with asyncio.timeout(ctx.limits.upstream_timeout):
                 up.writer.write(head)
                 await up.writer.drain()
                 answer = await read_head(up.reader)
                 if answer.status < 200 and answer.status != 101:
                     raise UpstreamProtocolError("unexpected informational response")
-                body = b"" if answer.status == 101 else await read_body(up.reader, answer, r.method)
+                body = (
+                    b"" if answer.status == 101 else await read_body(up.reader, answer, ex.method)
+                )
         except TimeoutError:
-            server.metrics.upstream_errors.labels("timeout").inc()
-            return await server._refuse(r, 504, "upstream API server timed out", decision="allow")
+            return ctx.recorder.upstream_failed(ex, "timeout", "TimeoutError")
         except (UpstreamProtocolError, OSError, ssl.SSLError) as exc:
-            server.metrics.upstream_errors.labels("protocol").inc()
-            _log.warning("upstream_failed", audit_id=r.audit_id, error=str(exc)[:100])
-            return await server._refuse(r, 502, "upstream API server failed", decision="allow")
-        server.metrics.upstream_latency.labels(r.info.verb).observe(time.monotonic() - t0)
+            return ctx.recorder.upstream_failed(ex, "protocol", str(exc)[:100])
+        ctx.recorder.upstream_answered(ex, started)
         if answer.status != 101:
-            return await _relay_answer(server, r, answer, body)
+            return _relay_answer(ctx, ex, answer, body)
         if answer.headers.get("Upgrade", "").strip().lower() != protocol.lower():
-            server.metrics.upstream_errors.labels("protocol").inc()
-            return await server._refuse(
-                r, 502, "upstream API server switched to another protocol", decision="allow"
+            return ctx.recorder.upstream_failed(
+                ex,
+                "protocol",
+                "switched to another protocol",
+                "upstream API server switched to another protocol",
             )
-        return await _tunnel(server, request, r, answer, up)
+        return await _tunnel(ctx, request, ex, answer, up)
     finally:
         await up.aclose()
 
 
-async def _relay_answer(
-    server: ProxyServer, r: _Req, answer: UpstreamHead, body: bytes
+def _relay_answer(
+    ctx: ForwardContext, ex: Exchange, answer: UpstreamHead, body: bytes
 ) -> web.StreamResponse:
     """A non-101 answer, passed on like any response; the client connection closes after it."""
     resp = web.Response(status=answer.status, reason=answer.reason or None, body=body)
     for k, v in downstream_response_headers(answer.headers).items():
         if k.lower() != "content-length":
             resp.headers.add(k, v)
-    resp.headers["Audit-ID"] = r.audit_id
+    resp.headers["Audit-ID"] = ex.audit_id
     resp.force_close()
-    r.annotations["apiproxy.io/bytes-sent"] = len(body)
-    server._observe_latency(r)
-    server._count(r, answer.status, "allow")
-    await server._audit(r, "ResponseComplete", answer.status)
+    ex.bytes_sent = len(body)
+    ex.end(EndReason.COMPLETED, answer.status)
     return resp
 
 
 async def _tunnel(
-    server: ProxyServer,
+    ctx: ForwardContext,
     request: web.BaseRequest,
-    r: _Req,
+    ex: Exchange,
     answer: UpstreamHead,
     up: UpstreamConnection,
 ) -> web.StreamResponse:
-    assert r.identity is not None
-    peer = r.identity.peer.name
     resp = web.StreamResponse(status=101, reason=answer.reason or "Switching Protocols")
     for k, v in downstream_response_headers(answer.headers).items():
         resp.headers.add(k, v)
     resp.headers["Upgrade"] = answer.headers["Upgrade"]
     resp.headers["Connection"] = "Upgrade"
-    resp.headers["Audit-ID"] = r.audit_id
+    resp.headers["Audit-ID"] = ex.audit_id
     resp.force_close()
     result = SpliceResult()
     started = time.monotonic()
@@ -445,26 +432,24 @@ async def _tunnel(
         try:
             await resp.prepare(request)
         except (ConnectionError, RuntimeError):
-            result.ended_by = "client"
+            ex.end(EndReason.CLIENT)
             return resp
-        server._observe_latency(r)
-        await server._audit(r, "ResponseStarted", 101)
-        try:
-            async with server.stream_deadline(r, server.config.max_watch_seconds):
-                await splice(client, resp, up, result)
-        except TimeoutError:
-            result.ended_by = server.stream_end_reason(r)
-        return resp
-    except asyncio.CancelledError:
-        result.ended_by = "client"
-        raise
-    finally:
-        r.annotations["apiproxy.io/bytes-sent"] = result.to_client
-        r.annotations["apiproxy.io/bytes-received"] = result.to_upstream
-        r.annotations["apiproxy.io/stream-duration-seconds"] = round(time.monotonic() - started, 3)
-        r.annotations["apiproxy.io/stream-ended-by"] = result.ended_by
-        server.metrics.bytes_sent.labels(peer).inc(result.to_client)
+        ex.streamed = True
+        await ctx.recorder.started(ex, 101)
+        async with ctx.streams.bounded(ex, ctx.limits.max_stream_seconds):
+            await splice(client, resp, up, result)
         if result.ended_by == "upstream_error":
-            server.metrics.upstream_errors.labels("reset").inc()
-        server._count(r, 101, "allow")
-        await server._audit(r, "ResponseComplete", 101)
+            ctx.recorder.upstream_reset()
+        ex.end(_SPLICE_ENDS[result.ended_by])
+        return resp
+    finally:
+        ex.annotations[ev.BYTES_RECEIVED] = result.to_upstream
+        ex.annotations[ev.STREAM_DURATION] = round(time.monotonic() - started, 3)
+        ctx.recorder.body_sent(ex, result.to_client)
+
+
+_SPLICE_ENDS = {
+    "upstream": EndReason.UPSTREAM,
+    "client": EndReason.CLIENT,
+    "upstream_error": EndReason.UPSTREAM_ERROR,
+}

@@ -16,6 +16,7 @@ import ipaddress
 import os
 import ssl
 import tempfile
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,12 @@ class UpstreamConfig:
         if base is None or base[0] is not self.url:
             base = self._base = (self.url, str(self.url.origin()) + self.url.raw_path.rstrip("/"))
         return URL(base[1] + raw_target, encoded=True)
+
+    def authorize(self, headers: MutableMapping[str, str]) -> None:
+        """Add the proxy's own credential (the current token) to an upstream request."""
+        token = self.token.get() if self.token is not None else None
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
 
     def ssl_context(self) -> ssl.SSLContext | bool:
         if self.url.scheme == "http":

@@ -25,13 +25,18 @@ STAGE_RESPONSE_STARTED: Final = "ResponseStarted"
 STAGE_RESPONSE_COMPLETE: Final = "ResponseComplete"
 STAGES: Final = frozenset({STAGE_RESPONSE_STARTED, STAGE_RESPONSE_COMPLETE})
 
-# Annotation keys (pinned in docs/architecture.md).
+# Annotation keys: every key the proxy writes (listed in docs/audit.md).
 DECISION: Final = "authorization.k8s.io/decision"
 REASON: Final = "authorization.k8s.io/reason"
 RULE: Final = "apiproxy.io/rule"
 BYTES_SENT: Final = "apiproxy.io/bytes-sent"
+ENDED_BY: Final = "apiproxy.io/ended-by"
 WATCH_EVENTS: Final = "apiproxy.io/watch-events"
 WATCH_DURATION: Final = "apiproxy.io/watch-duration-seconds"
+STREAM_ENDED_BY: Final = "apiproxy.io/stream-ended-by"
+UPGRADE: Final = "apiproxy.io/upgrade"
+BYTES_RECEIVED: Final = "apiproxy.io/bytes-received"
+STREAM_DURATION: Final = "apiproxy.io/stream-duration-seconds"
 AUTHN_FAILURE: Final = "apiproxy.io/authn-failure"
 DECISION_ALLOW: Final = "allow"
 DECISION_FORBID: Final = "forbid"
@@ -248,10 +253,12 @@ __all__ = [
     "ANONYMOUS",
     "API_VERSION",
     "AUTHN_FAILURE",
+    "BYTES_RECEIVED",
     "BYTES_SENT",
     "DECISION",
     "DECISION_ALLOW",
     "DECISION_FORBID",
+    "ENDED_BY",
     "EXTRA_AUTHENTICATED_BY",
     "EXTRA_CERT_SUBJECT",
     "EXTRA_CLUSTER_UUID",
@@ -261,7 +268,10 @@ __all__ = [
     "RULE",
     "STAGE_RESPONSE_COMPLETE",
     "STAGE_RESPONSE_STARTED",
+    "STREAM_DURATION",
+    "STREAM_ENDED_BY",
     "UNAUTHENTICATED_GROUP",
+    "UPGRADE",
     "WATCH_DURATION",
     "WATCH_EVENTS",
     "format_time",
