@@ -411,8 +411,10 @@ async def _peer_requests(st: Stack, n: int) -> tuple[asyncio.StreamReader, async
 async def _idle_keepalive(world: World, tmp: Path) -> None:
     async with stack(world, tmp, idle_timeout_seconds=0.5) as st:
         loop = asyncio.get_running_loop()
-        reader, writer = await _peer_requests(st, 2)
+        # The proxy's idle timer starts after its last answer, so no earlier than this; timing
+        # from when the client read that answer would undercount on a loaded machine.
         idle_from = loop.time()
+        reader, writer = await _peer_requests(st, 2)
         assert st.proxy.admission.unauthenticated == 0  # it authenticated
         assert await eof(reader) == b""  # closed by the proxy, cleanly
         assert loop.time() - idle_from >= 0.5
