@@ -27,7 +27,7 @@ from apiproxy.sim import discovery, patch
 from apiproxy.sim.errors import ApiError, bad_request, internal
 from apiproxy.sim.faults import Faults, StartRefused
 from apiproxy.sim.resources import BUILTIN, ResourceType
-from apiproxy.sim.store import Store, Watcher, dumps
+from apiproxy.sim.store import Store, Watcher, dumps, now_rfc3339
 
 log = get_logger("apiproxy.sim")
 
@@ -496,6 +496,13 @@ class SimAPIServer:
                     resource_version=pre.get("resourceVersion"),
                     dry_run=dry_run,
                 )
+                if removed and rt.key == "namespaces":
+                    # The real server answers with the namespace as the namespace controller
+                    # finds it (Terminating); the simulator's controller then finishes at once.
+                    obj["metadata"]["deletionTimestamp"] = now_rfc3339()
+                    obj.setdefault("spec", {}).setdefault("finalizers", ["kubernetes"])
+                    obj["status"] = {"phase": "Terminating"}
+                    return self._json(obj)
                 if removed and rt.key != "pods":
                     details: dict[str, Any] = {
                         "name": route.name,

@@ -21,6 +21,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 NS = "simdiff"
+GONE = "simdiff-gone"  # deleted by the corpus
 CRD_PATH = ROOT / "deploy" / "base" / "crd-istiomulticluster.yaml"
 IMC = "/apis/deckhouse.io/v1alpha1/istiomulticlusters"
 PODS = f"/api/v1/namespaces/{NS}/pods"
@@ -101,6 +102,12 @@ SETUP: list[tuple[str, str, Any]] = [
     ("POST", CMS, configmap("cm1", labels={"team": "a"})),
     ("POST", CMS, configmap("cm2", labels={"team": "b"})),
     ("POST", IMC, imc("peer1")),
+    (
+        "POST",
+        "/api/v1/namespaces",
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": GONE}},
+    ),
+    ("POST", f"/api/v1/namespaces/{GONE}/configmaps", configmap("left")),
 ]
 
 JSON_CT = {"Content-Type": "application/json"}
@@ -244,7 +251,7 @@ def _nonresource_cases() -> list[Case]:
         Case("readyz", "GET", "/readyz"),
         Case("unknown-path", "GET", "/nonexistent"),
         Case("openapi-v2", "GET", "/openapi/v2"),
-        Case("openapi-v3", "GET", "/openapi/v3", min_version=(1, 24)),
+        Case("openapi-v3", "GET", "/openapi/v3", min_version=(1, 27)),
         Case(
             "discovery-aggregated",
             "GET",
@@ -253,6 +260,7 @@ def _nonresource_cases() -> list[Case]:
                 "Accept": "application/json;g=apidiscovery.k8s.io;v=v2beta1;"
                 "as=APIGroupDiscoveryList,application/json"
             },
+            min_version=(1, 30),  # aggregated discovery (v2beta1 from 1.26, v2 from 1.30)
         ),
         Case("discovery-endpointslice-v1", "GET", "/apis/discovery.k8s.io/v1", min_version=(1, 21)),
     ]
@@ -506,6 +514,13 @@ def _write_cases() -> list[Case]:
         Case("delete-collection", "DELETE", f"{CMS}?{DRY}&labelSelector=team%3Db"),
         Case("delete-pod", "DELETE", f"{PODS}/p2?{DRY}"),
         Case("delete-cr", "DELETE", f"{IMC}/peer1?{DRY}"),
+        # Namespace deletion (the last cases to touch GONE): no namespace controller runs.
+        Case("delete-namespace", "DELETE", f"/api/v1/namespaces/{GONE}"),
+        Case("get-deleted-namespace", "GET", f"/api/v1/namespaces/{GONE}"),
+        Case("get-in-deleted-namespace", "GET", f"/api/v1/namespaces/{GONE}/configmaps/left"),
+        Case(
+            "create-in-deleted-namespace", "POST", f"/api/v1/namespaces/{GONE}/configmaps", cm("x")
+        ),
         # Methods.
         Case("head-named", "HEAD", f"{PODS}/p1"),
         Case("options", "OPTIONS", PODS),
