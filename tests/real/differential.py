@@ -189,6 +189,28 @@ def _list_cases() -> list[Case]:
         Case("list-field-phase", "GET", f"{PODS}?fieldSelector=status.phase%3DRunning"),
         Case("list-field-unsupported", "GET", f"{PODS}?fieldSelector=spec.bogus%3D1"),
         Case("list-field-bad-syntax", "GET", f"{PODS}?fieldSelector=%3D%3D"),
+        Case(
+            "list-field-namespace", "GET", "/api/v1/pods?fieldSelector=metadata.namespace%3Dsimdiff"
+        ),
+        Case("list-field-node", "GET", f"{PODS}?fieldSelector=spec.nodeName%3D"),
+        Case("list-field-not-equal", "GET", f"{PODS}?fieldSelector=metadata.name%21%3Dp1"),
+        Case(
+            "list-field-two-terms",
+            "GET",
+            f"{PODS}?fieldSelector=metadata.name%3Dp1,status.phase%3DPending",
+        ),
+        Case("list-field-cr-unsupported", "GET", f"{IMC}?fieldSelector=spec.metadataEndpoint%3Dx"),
+        Case("list-field-cr-name", "GET", f"{IMC}?fieldSelector=metadata.name%3Dpeer1"),
+        Case(
+            "list-field-secret-type",
+            "GET",
+            f"/api/v1/namespaces/{NS}/secrets?fieldSelector=type%3DOpaque",
+        ),
+        Case("list-label-not-exists", "GET", f"{PODS}?labelSelector=%21app"),
+        Case("list-label-notin", "GET", f"{PODS}?labelSelector=app+notin+%28web%29"),
+        Case("list-label-exists", "GET", f"{PODS}?labelSelector=app"),
+        Case("list-label-bad-key", "GET", f"{PODS}?labelSelector=-bad%3Dx"),
+        Case("list-label-long-value", "GET", f"{PODS}?labelSelector=app%3D{'x' * 64}"),
         Case("list-cr", "GET", IMC),
         Case("list-namespaces", "GET", "/api/v1/namespaces?fieldSelector=metadata.name%3Dsimdiff"),
         Case("list-unknown-param", "GET", f"{PODS}?bogus=1"),
