@@ -511,3 +511,59 @@ def test_the_shipped_crd_is_structural_and_validates(
         assert status == 422, (spec, out)
         assert out["reason"] == "Invalid"
         assert any(c.get("field") == field for c in out["details"]["causes"]), (field, out)
+
+
+async def test_two_replicas_share_the_shipped_lease(
+    two_clusters: tuple[KubeCluster, KubeCluster], tmp_path: Path
+) -> None:
+    """Leader election on the real Lease (get/update only, as the Role allows): one replica
+    leads, the other stands by; stopping the leader releases the Lease to the standby."""
+    kube = two_clusters[0]
+    await asyncio.to_thread(_provision, kube, pki.make_ca("istio root a"))
+    token = await asyncio.to_thread(
+        kube.service_account_token, "apiproxy-system", "apiproxy-federation"
+    )
+    kc = json.loads(kube.kubeconfig(tmp_path / "kc", token=token).read_text())
+    replicas: list[Federation] = []
+    try:
+        for identity in ("replica-1", "replica-2"):
+            fed = Federation(
+                FederationConfig(
+                    cluster_domain="cluster.local",
+                    api_host="127.0.0.1:4443",
+                    exporter_listen="127.0.0.1:0",
+                    leader_elect=True,
+                    identity=identity,
+                    ingress_gateways=["192.0.2.1:15443"],
+                    lease_duration=4.0,
+                    renew_deadline=3.0,
+                    retry_period=0.5,
+                ),
+                await kconfig.new_client_from_config_dict(kc),
+            )
+            replicas.append(fed)
+            await fed.start()
+        done, pending = await asyncio.wait(
+            [asyncio.create_task(f.wait_leader(30)) for f in replicas],
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        for task in pending:  # the standby's wait: it must not lead now
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for task in done:
+            task.result()
+        leader = next(f for f in replicas if f.is_leader)
+        standby = next(f for f in replicas if f is not leader)
+        assert not standby.is_leader
+        lease_path = f"/apis/coordination.k8s.io/v1/namespaces/apiproxy-system/leases/{LEASE_NAME}"
+        lease = await asyncio.to_thread(kube.ok, "GET", lease_path)
+        assert lease["spec"]["holderIdentity"] == leader.config.identity
+
+        await leader.stop()  # releases the Lease
+        await standby.wait_leader(30)
+        lease = await asyncio.to_thread(kube.ok, "GET", lease_path)
+        assert lease["spec"]["holderIdentity"] == standby.config.identity
+    finally:
+        for fed in replicas:
+            await fed.stop()
+            await fed.kube.api_client.close()
