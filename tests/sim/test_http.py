@@ -330,3 +330,63 @@ async def test_openapi_v3_declares_field_validation_and_v2_is_absent(raw: Any) -
         headers={"Accept": "application/com.github.proto-openapi.spec.v2@v1.0+protobuf"},
     )
     assert code == 404
+
+
+async def test_watch_parameter_spellings_as_the_real_server(raw: Any, sim: SimAPIServer) -> None:
+    sim.store.create(_cm("seen"))
+    base = "/api/v1/namespaces/default/configmaps"
+    for value in ("", "yes", "on", "no", "off", "1", "True"):
+        events = await raw.watch_lines(f"{base}?watch={value}&timeoutSeconds=5", count=1)
+        assert events[0]["type"] == "ADDED", value
+    for value in ("0", "false", "FALSE", "fAlSe"):
+        code, _, body = await raw.get(f"{base}?watch={value}")
+        assert (code, body["kind"]) == (200, "ConfigMapList"), value
+    events = await raw.watch_lines(f"{base}?watch&timeoutSeconds=5", count=1)
+    assert events[0]["object"]["metadata"]["name"] == "seen"
+
+
+async def test_named_get_ignores_watch(raw: Any, sim: SimAPIServer) -> None:
+    sim.store.create(_cm("one"))
+    code, _, body = await raw.get("/api/v1/namespaces/default/configmaps/one?watch=true")
+    assert (code, body["kind"]) == (200, "ConfigMap")
+    code, _, body = await raw.get("/api/v1/namespaces/default/configmaps/nope?watch=1")
+    assert (code, body["reason"]) == (404, "NotFound")
+    events = await raw.watch_lines(
+        "/api/v1/watch/namespaces/default/configmaps/one?timeoutSeconds=5", count=1
+    )
+    assert events[0]["object"]["metadata"]["name"] == "one"
+
+
+async def test_create_body_content_types(raw: Any) -> None:
+    path = "/api/v1/namespaces/default/configmaps?dryRun=All"
+    for ctype in ("text/plain", "application/octet-stream", "not a type"):
+        code, _, body = await raw.call("POST", path, _cm("c"), content_type=ctype)
+        assert (code, body["reason"]) == (415, "UnsupportedMediaType"), ctype
+    for ctype in ("application/json", "application/json; charset=utf-8", "application/yaml"):
+        code, _, body = await raw.call("POST", path, _cm("c"), content_type=ctype)
+        assert code == 201, (ctype, body)
+
+
+async def test_write_options_are_validated(raw: Any, sim: SimAPIServer) -> None:
+    sim.store.create(_cm("o"))
+    code, _, body = await raw.call(
+        "POST", "/api/v1/namespaces/default/configmaps?dryRun=Bogus", _cm("x")
+    )
+    assert (code, body["details"]["kind"]) == (422, "CreateOptions")
+    code, _, body = await raw.call(
+        "PATCH",
+        "/api/v1/namespaces/default/configmaps/o",
+        {"data": {"a": "b"}},
+        content_type="application/apply-patch+yaml",
+    )
+    assert (code, body["details"]["kind"]) == (422, "PatchOptions")
+    assert sim.store.get("configmaps", "o", "default")["data"] == {"k": "v"}
+
+
+def _cm(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": name, "namespace": "default"},
+        "data": {"k": "v"},
+    }

@@ -27,7 +27,7 @@ class ApiError(Exception):
 
     @property
     def reason(self) -> str:
-        return str(self.body["reason"])
+        return str(self.body.get("reason", ""))
 
 
 def _details(rt: ResourceType, name: str, **extra: Any) -> dict[str, Any]:
@@ -82,6 +82,28 @@ def invalid(rt: ResourceType, name: str, message: str, causes: list[dict[str, st
         f'{kind} "{name}" is invalid: {message}',
         reason="Invalid",
         details={**_details(rt, name), "kind": rt.kind, "causes": causes},
+    )
+
+
+def internal(message: str) -> ApiError:
+    """A 500 as kube-apiserver sends it for some malformed input: no `reason` in the body."""
+    err = ApiError(500, message)
+    del err.body["reason"]
+    return err
+
+
+def precondition_failed(rt: ResourceType, name: str, why: str) -> ApiError:
+    """A delete precondition that does not hold: 409 naming the Kind, as storage reports it."""
+    kind = f"{rt.kind}.{rt.group}" if rt.group else rt.kind
+    details: dict[str, Any] = {"name": name}
+    if rt.group:
+        details["group"] = rt.group
+    details["kind"] = rt.kind
+    return ApiError(
+        409,
+        f'Operation cannot be fulfilled on {kind} "{name}": {why}',
+        reason="Conflict",
+        details=details,
     )
 
 

@@ -51,6 +51,8 @@ def _split_top(text: str) -> list[str]:
     return parts
 
 
+# A label value: empty, or at most 63 alphanumerics with '-', '_', '.' inside.
+_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$")
 _SET = re.compile(r"^\s*(\S+?)\s+(in|notin)\s*\((.*)\)\s*$")
 _EQ = re.compile(r"^\s*([^!=\s]+)\s*(==|=|!=)\s*(\S*)\s*$")
 
@@ -77,6 +79,13 @@ def parse_labels(text: str) -> tuple[Requirement, ...]:
             req = Requirement(p, "exists")
         if not _NAME.match(req.key):
             raise SelectorError(f"unable to parse requirement: invalid label key {req.key!r}")
+        for value in req.values:
+            if value and value[0] in "=!(),":
+                raise SelectorError(
+                    f"unable to parse requirement: found '{value[0]}', expected: identifier"
+                )
+            if not _VALUE.match(value):
+                raise SelectorError(f"unable to parse requirement: invalid label value: {value!r}")
         reqs.append(req)
     return tuple(reqs)
 
@@ -119,7 +128,9 @@ def parse_fields(text: str) -> tuple[FieldRequirement, ...]:
             op = next((o for o in ("!=", "==", "=") if term.startswith(o, i)), None)
             if op is not None:
                 value = _unescape(term[i + len(op) :])
-                out.append(FieldRequirement(term[:i].strip(), "!=" if op == "!=" else "=", value))
+                field = term[:i].strip()
+                if field or value:  # `==` alone selects everything, as in the real server
+                    out.append(FieldRequirement(field, "!=" if op == "!=" else "=", value))
                 break
         else:
             raise SelectorError(f"invalid selector: '{text}'; can't understand '{term}'")

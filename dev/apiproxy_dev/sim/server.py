@@ -24,10 +24,10 @@ from aiohttp import web
 from apiproxy import pki
 from apiproxy.log import get_logger
 from apiproxy_dev.sim import discovery, patch
-from apiproxy_dev.sim.errors import ApiError, bad_request
+from apiproxy_dev.sim.errors import ApiError, bad_request, internal
 from apiproxy_dev.sim.faults import Faults, StartRefused
-from apiproxy_dev.sim.resources import ResourceType
-from apiproxy_dev.sim.store import Store, Watcher, dumps
+from apiproxy_dev.sim.resources import BUILTIN, ResourceType
+from apiproxy_dev.sim.store import Store, Watcher, dumps, now_rfc3339
 
 log = get_logger("apiproxy_dev.sim")
 
@@ -35,6 +35,12 @@ JSON = "application/json"
 PROTOBUF = "application/vnd.kubernetes.protobuf"
 _NS_SUBRESOURCES = ("status", "finalize")
 _LIST_CHUNK = 256  # objects per write when streaming a LIST body
+_BUILTIN_GROUPS = frozenset(rt.group for rt in BUILTIN)
+# Non-resource paths the real server answers GET on; other methods there are 405.
+_NONRESOURCE_GET = ("/version", "/api", "/apis")
+_HEALTH = ("/healthz", "/livez", "/readyz")
+# Create/update bodies the real server decodes (protobuf too, which the simulator cannot).
+_BODY_TYPES = (JSON, "application/yaml")
 _AUDIT_KEY = web.RequestKey("audit_id", str) if hasattr(web, "RequestKey") else "audit_id"
 
 
@@ -300,7 +306,7 @@ class SimAPIServer:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         request[_AUDIT_KEY] = request.headers.get("Audit-ID") or str(uuid.uuid4())
         path = request.path
-        is_watch = "/watch/" in path or _bool(request.query.get("watch"))
+        is_watch = _is_watch(request)
         if (rule := self.faults.take("drop", request.method, path, is_watch)) is not None:
             if request.transport is not None:
                 request.transport.abort()
@@ -335,11 +341,19 @@ class SimAPIServer:
             )
         parts = [p for p in path.split("/") if p]
         reg = self.store.registry
+        if path in _HEALTH:  # the health checks answer whatever the method
+            return web.Response(text="ok", content_type="text/plain")
+        if request.method != "GET" and (
+            path.rstrip("/") in _NONRESOURCE_GET or _discovery_path(parts)
+        ):
+            raise ApiError(
+                405,
+                "the server does not allow this method on the requested resource",
+                reason="MethodNotAllowed",
+            )
         if request.method == "GET":
             if path in ("/version", "/version/"):
                 return self._json(discovery.VERSION)
-            if path in ("/healthz", "/livez", "/readyz"):
-                return web.Response(text="ok", content_type="text/plain")
             if parts == ["api"]:
                 return self._json(discovery.api_versions(f"{self.host}:{self.port}"))
             if parts == ["apis"]:
@@ -356,11 +370,24 @@ class SimAPIServer:
             if doc is not None:
                 return self._json(doc)
         if not parts or parts[0] not in ("api", "apis"):
-            raise ApiError(404, "the server could not find the requested resource")
+            # The real server's catch-all answers 404 with the list of paths it serves.
+            return self._json({"paths": ["/api", "/api/v1", "/apis", "/healthz", "/version"]}, 404)
+        if parts[0] == "apis" and (len(parts) < 2 or parts[1] not in _BUILTIN_GROUPS):
+            # Groups served by no built-in API (unknown ones, CRDs' groups) fall through to the
+            # mux's plain-text 404 whenever the path names no served resource.
+            not_found: web.Response = web.Response(
+                status=404, text="404 page not found\n", content_type="text/plain"
+            )
+        else:
+            not_found = self._error(
+                ApiError(404, "the server could not find the requested resource")
+            )
         route = _parse_resource_path(parts)
         rt = reg.lookup(route.group, route.version, route.resource) if route else None
         if route is None or rt is None:
-            raise ApiError(404, "the server could not find the requested resource")
+            return not_found
+        if not rt.namespaced and route.namespace and rt.resource != "namespaces":
+            return not_found  # a cluster-scoped resource under /namespaces/<ns>/
         if route.subresource and not (route.subresource == "status" and rt.has_status):
             raise ApiError(404, "the server could not find the requested resource")
         if rt.namespaced and route.namespace == "" and route.name:
@@ -394,10 +421,14 @@ class SimAPIServer:
     ) -> web.StreamResponse:
         q = request.query
         method = request.method
+        if method != "GET":
+            _check_write_options(method, request, q)
         dry_run = q.get("dryRun") == "All"
         store = self.store
         if method == "GET":
-            if route.watch or _bool(q.get("watch")):
+            # ?watch only turns a LIST into a watch; a GET of one object returns the object (a
+            # single-object watch is the /watch/ path, or a LIST with fieldSelector=metadata.name).
+            if route.watch or (not route.name and _bool(q.get("watch"))):
                 if route.name:
                     flt_fs = f"metadata.name={route.name}"
                     extra = q.get("fieldSelector", "")
@@ -465,7 +496,14 @@ class SimAPIServer:
                     resource_version=pre.get("resourceVersion"),
                     dry_run=dry_run,
                 )
-                if removed and rt.key not in ("pods",) and not rt.crd:
+                if removed and rt.key == "namespaces":
+                    # The real server answers with the namespace as the namespace controller
+                    # finds it (Terminating); the simulator's controller then finishes at once.
+                    obj["metadata"]["deletionTimestamp"] = now_rfc3339()
+                    obj.setdefault("spec", {}).setdefault("finalizers", ["kubernetes"])
+                    obj["status"] = {"phase": "Terminating"}
+                    return self._json(obj)
+                if removed and rt.key != "pods":
                     details: dict[str, Any] = {
                         "name": route.name,
                         "kind": rt.resource,
@@ -519,12 +557,15 @@ class SimAPIServer:
             )
 
     async def _body(self, request: web.Request, rt: ResourceType) -> dict[str, Any]:
-        ctype = request.content_type
-        if ctype not in (JSON, "application/yaml", "text/plain", "application/octet-stream"):
+        # NegotiateInputSerializer: no Content-Type means JSON; anything else must be a type the
+        # server decodes (parameters such as charset are allowed).
+        header = request.headers.get("Content-Type", "")
+        ctype = header.split(";", 1)[0].strip().lower() or JSON
+        if ctype not in _BODY_TYPES:
             raise ApiError(
                 415,
                 "the body of the request was in an unknown format - accepted media types include: "
-                "application/json, application/yaml",
+                "application/json, application/yaml, application/vnd.kubernetes.protobuf",
                 reason="UnsupportedMediaType",
             )
         raw = await request.read()
@@ -558,8 +599,9 @@ class SimAPIServer:
             return {}
         try:
             opts = json.loads(raw)
-        except ValueError:
-            raise bad_request("error decoding DeleteOptions") from None
+        except ValueError as exc:
+            # kube-apiserver 1.20 answers a malformed DeleteOptions body with a 500.
+            raise internal(f"couldn't get version/kind; json parse error: {exc}") from None
         return opts if isinstance(opts, dict) else {}
 
     async def _patch(
@@ -584,6 +626,9 @@ class SimAPIServer:
         try:
             body = yaml.safe_load(raw) if ctype == patch.APPLY else json.loads(raw)
         except (ValueError, yaml.YAMLError) as exc:
+            if ctype == patch.MERGE:
+                # kube-apiserver 1.20 reports an unparsable merge patch as a 500.
+                raise internal("Invalid JSON Patch") from None
             raise bad_request(f"error decoding patch: {exc}") from None
         store = self.store
         try:
@@ -884,9 +929,58 @@ def _bookmark(rt: ResourceType, rv: int, *, initial_end: bool = False) -> bytes:
     return b'{"type":"BOOKMARK","object":' + dumps(obj) + b"}\n"
 
 
+def _is_watch(request: web.Request) -> bool:
+    """Whether the server will stream: a /watch/ path, or ?watch on a GET of a collection (a GET
+    of one object ignores ?watch, as the real server's named GET handler does)."""
+    if request.method != "GET":
+        return False
+    parts = [p for p in request.path.split("/") if p]
+    route = _parse_resource_path(parts) if parts and parts[0] in ("api", "apis") else None
+    if route is None:
+        return False
+    return route.watch or (not route.name and _bool(request.query.get("watch")))
+
+
 def _bool(value: str | None) -> bool:
-    """Go's strconv.ParseBool, which the server's query-parameter conversion uses."""
-    return value in ("1", "t", "T", "TRUE", "true", "True")
+    """A boolean query parameter as apimachinery's Convert_Slice_string_To_bool reads it: absent
+    is false, and of a present value only "0" and "false" (any case) are false; "", "yes", "no",
+    "off" are all true. `request.query.get` gives the first value, as the converter uses."""
+    return value is not None and value != "0" and value.lower() != "false"
+
+
+def _discovery_path(parts: list[str]) -> bool:
+    """/api/<v>, /apis/<g>, /apis/<g>/<v>: discovery documents, GET only."""
+    return (parts[:1] == ["api"] and len(parts) == 2) or (
+        parts[:1] == ["apis"] and len(parts) in (2, 3)
+    )
+
+
+def _check_write_options(method: str, request: web.Request, q: Any) -> None:
+    """Create/Update/Patch/DeleteOptions validation: 422, as the real server answers."""
+    kind = {"POST": "CreateOptions", "PUT": "UpdateOptions", "PATCH": "PatchOptions"}.get(
+        method, "DeleteOptions"
+    )
+    causes: list[tuple[str, str, str]] = []
+    dry = q.getall("dryRun", [])
+    if any(v != "All" for v in dry):
+        shown = "[]string{" + ", ".join(json.dumps(v) for v in dry) + "}"
+        causes.append(
+            (
+                "dryRun",
+                "FieldValueNotSupported",
+                f'Unsupported value: {shown}: supported values: "All"',
+            )
+        )
+    if (
+        method == "PATCH"
+        and request.headers.get("Content-Type", "").split(";")[0].strip() == patch.APPLY
+        and not q.get("fieldManager")
+    ):
+        causes.append(
+            ("fieldManager", "FieldValueRequired", "Required value: is required for apply patch")
+        )
+    if causes:
+        raise _invalid_options(kind, causes)
 
 
 def _int_param(value: str, name: str) -> int:
@@ -903,7 +997,11 @@ def _rv_param(value: str) -> int:
             raise ValueError
         return n
     except ValueError:
-        raise bad_request(f"invalid resource version: {value}") from None
+        # kube-apiserver 1.20 reports an unparsable resourceVersion as a 500 InternalError.
+        raise internal(
+            f'resourceVersion: Invalid value: "{value}": strconv.ParseUint: parsing "{value}": '
+            "invalid syntax"
+        ) from None
 
 
 def _too_large(want: int, have: int) -> ApiError:
@@ -921,16 +1019,20 @@ def _too_large(want: int, have: int) -> ApiError:
 
 
 def _invalid_list_options(causes: list[tuple[str, str, str]]) -> ApiError:
+    return _invalid_options("ListOptions", causes)
+
+
+def _invalid_options(kind: str, causes: list[tuple[str, str, str]]) -> ApiError:
     msgs = "; ".join(f"{f}: {m}" for f, _, m in causes)
     if len(causes) > 1:
         msgs = "[" + ", ".join(f"{f}: {m}" for f, _, m in causes) + "]"
     return ApiError(
         422,
-        f'ListOptions.meta.k8s.io "" is invalid: {msgs}',
+        f'{kind}.meta.k8s.io "" is invalid: {msgs}',
         reason="Invalid",
         details={
             "group": "meta.k8s.io",
-            "kind": "ListOptions",
+            "kind": kind,
             "causes": [{"reason": r, "message": m, "field": f} for f, r, m in causes],
         },
     )

@@ -653,19 +653,19 @@ class Store:
             cur = cur_entry.obj()
             meta = cur["metadata"]
             if uid and uid != meta["uid"]:
-                raise errors.conflict(
+                raise errors.precondition_failed(
                     rt,
                     name,
-                    f"Precondition failed: UID in precondition: {uid}, UID in object "
-                    f"meta: {meta['uid']}",
+                    f"the UID in the precondition ({uid}) does not match the UID in record "
+                    f"({meta['uid']}). The object might have been deleted and then recreated",
                 )
             if resource_version and resource_version != meta["resourceVersion"]:
-                raise errors.conflict(
+                raise errors.precondition_failed(
                     rt,
                     name,
-                    "Precondition failed: ResourceVersion in precondition: "
-                    f"{resource_version}, ResourceVersion in object meta: "
-                    f"{meta['resourceVersion']}",
+                    f"the ResourceVersion in the precondition ({resource_version}) does not "
+                    f"match the ResourceVersion in record ({meta['resourceVersion']}). The "
+                    "object might have been modified",
                 )
             if dry_run:
                 return cur, not meta.get("finalizers")
