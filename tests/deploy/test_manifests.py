@@ -425,10 +425,10 @@ FEDERATION_GRANTS: dict[tuple[str | None, str, str], Doc] = {
     # cluster-wide (ClusterRole): only cluster-scoped objects
     (None, "", "namespaces"): {"get": ["kube-system"]},
     (None, "deckhouse.io", "istiomulticlusters"): dict.fromkeys(
-        ("get", "list", "watch", "update", "patch"), ANY
+        ("get", "list", "watch", "patch"), ANY
     ),
-    (None, "deckhouse.io", "istiomulticlusters/status"): {"update": ANY, "patch": ANY},
-    (None, "", "nodes"): {"get": ANY, "list": ANY},
+    (None, "deckhouse.io", "istiomulticlusters/status"): {"patch": ANY},
+    (None, "", "nodes"): {"get": ANY},
     (None, "", "secrets"): {},
     (None, "", "configmaps"): {},
     (None, "", "pods"): {},
@@ -443,22 +443,21 @@ FEDERATION_GRANTS: dict[tuple[str | None, str, str], Doc] = {
         "get": ["apiproxy-federation"],
         "update": ["apiproxy-federation"],
     },
-    (NAMESPACE, "", "events"): {"create": ANY, "patch": ANY},
+    (NAMESPACE, "", "events"): {},
     (NAMESPACE, "", "configmaps"): {},
     # the Istio namespace
     (ISTIO_NAMESPACE, "", "secrets"): dict.fromkeys(
-        ("create", "get", "list", "watch", "update", "delete"), ANY
+        ("create", "get", "list", "update", "delete"), ANY
     ),
     (ISTIO_NAMESPACE, "", "configmaps"): {
         "get": ["istio", "istio-ca-root-cert"],
         "update": ["istio"],
-        "patch": ["istio"],
     },
     (ISTIO_NAMESPACE, "", "services"): {"get": ANY, "list": ANY},
     (ISTIO_NAMESPACE, "", "pods"): {"list": ANY},
-    (ISTIO_NAMESPACE, "", "events"): {"create": ANY, "patch": ANY},
+    (ISTIO_NAMESPACE, "", "events"): {},
     # events of the cluster-scoped IstioMulticluster objects
-    ("default", "", "events"): {"create": ANY, "patch": ANY},
+    ("default", "", "events"): {"create": ANY},
     ("default", "", "secrets"): {},
 }
 
