@@ -27,6 +27,7 @@ from yarl import URL
 from apiproxy import __version__, flags, log, memory, status, tokens, upstream
 from apiproxy import peers as peers_mod
 from apiproxy import upgrade as upgrade_mod
+from apiproxy import view as view_mod
 from apiproxy.audit import AuditWriter
 from apiproxy.audit.events import make_event, object_ref_from_info
 from apiproxy.authn import AuthnFailure, Identity, authenticate
@@ -280,7 +281,9 @@ class ProxyServer:
         if r.identity is None or r.info is None:
             return False
         decision = self.policy.decide(r.identity.peer.name, r.info)
-        return decision.allowed and (decision.dangerous or not r.upgrade)
+        # A stream opened as a view must end when it would now be forwarded, and the reverse.
+        same_view = decision.view == r.annotations.get(view_mod.ANNOTATION, "")
+        return decision.allowed and (decision.dangerous or not r.upgrade) and same_view
 
     def _reload_policy(self) -> None:
         self.policy = Policy.load(self.config.policy)
@@ -475,6 +478,10 @@ class ProxyServer:
         try:
             if upgrading:
                 return await upgrade_mod.relay(self, request, r)
+            # -- issue 13: a `view` rule is answered by the proxy itself; nothing goes upstream.
+            if decision.view:
+                return await view_mod.serve(self, request, r, decision.view)
+            # -- end issue 13
             return await self._forward(request, r, is_watch)
         finally:
             counts[peer] -= 1
