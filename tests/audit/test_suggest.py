@@ -101,9 +101,12 @@ def test_suggested_policy_loads_and_allows_exactly_the_denied_reads(tmp_path, re
         "cluster-b", classify("GET", "/api/v1/namespaces/istio-system/secrets/cacerts")
     )
     assert (secret.allowed, secret.view) == (True, "empty")
-    assert policy.decide(
-        "cluster-b", classify("GET", "/api/v1/namespaces/istio-system/configmaps/istio")
-    ).view == ""
+    assert (
+        policy.decide(
+            "cluster-b", classify("GET", "/api/v1/namespaces/istio-system/configmaps/istio")
+        ).view
+        == ""
+    )
     # Exact, not wider: other namespaces, names' neighbours and other peers stay denied.
     assert not policy.decide(
         "cluster-c", classify("GET", "/api/v1/namespaces/istio-system/configmaps")

@@ -34,7 +34,7 @@ def test_check_shipped_policies_with_console_script() -> None:
     lines = done.stdout.splitlines()
     assert lines == [
         f"{ISTIO}: ok, 9 rules (8 resource, 1 non-resource, 0 dangerous, "
-            "2 answered with an empty view)",
+        "2 answered with an empty view)",
         f"{MINIMAL}: ok, 1 rules (1 resource, 0 non-resource, 0 dangerous)",
     ]
 
