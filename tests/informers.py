@@ -126,7 +126,13 @@ def _crd(group: str, version: str, plural: str, kind: str) -> dict[str, Any]:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{plural}.{group}"},
+        "metadata": {
+            "name": f"{plural}.{group}",
+            # *.k8s.io groups are protected: the real Gateway API CRDs carry this approval.
+            "annotations": {
+                "api-approved.kubernetes.io": "https://github.com/kubernetes-sigs/gateway-api/pull/2466"
+            },
+        },
         "spec": {
             "group": group,
             "scope": "Namespaced",
