@@ -21,7 +21,7 @@ from typing import Any
 from aiohttp import ClientError, web
 from multidict import CIMultiDict
 
-from apiproxy import __version__, flags, forward, log, memory, tokens, upgrade, upstream
+from apiproxy import __version__, flags, forward, log, memory, tokens, upgrade, upstream, view
 from apiproxy import admission as admission_mod
 from apiproxy import peers as peers_mod
 from apiproxy.audit import AuditWriter
@@ -274,7 +274,9 @@ class ProxyServer:
         if ex.identity is None or ex.info is None:
             return False
         decision = self.policy.decide(ex.identity.peer.name, ex.info)
-        return decision.allowed and (decision.dangerous or not ex.upgrade)
+        # A stream opened as a view must end when it would now be forwarded, and the reverse.
+        same_view = decision.view == ex.annotations.get(view.ANNOTATION, "")
+        return decision.allowed and (decision.dangerous or not ex.upgrade) and same_view
 
     def _reload_policy(self) -> None:
         self.policy = Policy.load(self.config.policy)
@@ -422,7 +424,7 @@ class ProxyServer:
                 self.limits.release(ex)
 
     async def _pipeline(self, request: web.BaseRequest, ex: Exchange) -> web.StreamResponse:
-        """authenticate → classify → decide → limits → forward or upgrade; each stage either
+        """authenticate → classify → decide → limits → view, forward or upgrade; each stage either
         fills in the exchange or answers with a refusal."""
         if (refused := self._authenticate(request, ex)) is not None:
             return refused
@@ -433,6 +435,8 @@ class ProxyServer:
         if (too_many := self.limits.admit(ex)) is not None:
             retry = {"Retry-After": str(self.config.retry_after_seconds)}
             return self.recorder.refuse(ex, 429, too_many, headers=retry)
+        if ex.decision is not None and ex.decision.view:  # `view: empty`: nothing goes upstream
+            return await view.serve(self.forwarding, request, ex, ex.decision.view)
         if ex.upgrade:
             return await upgrade.relay(self.forwarding, request, ex)
         return await forward.forward(self.forwarding, request, ex)

@@ -34,6 +34,7 @@ ENDED_BY: Final = "apiproxy.io/ended-by"
 WATCH_EVENTS: Final = "apiproxy.io/watch-events"
 WATCH_DURATION: Final = "apiproxy.io/watch-duration-seconds"
 STREAM_ENDED_BY: Final = "apiproxy.io/stream-ended-by"
+VIEW: Final = "apiproxy.io/view"  # `empty`: the proxy answered itself (policy `view: empty`)
 UPGRADE: Final = "apiproxy.io/upgrade"
 BYTES_RECEIVED: Final = "apiproxy.io/bytes-received"
 STREAM_DURATION: Final = "apiproxy.io/stream-duration-seconds"
@@ -272,6 +273,7 @@ __all__ = [
     "STREAM_ENDED_BY",
     "UNAUTHENTICATED_GROUP",
     "UPGRADE",
+    "VIEW",
     "WATCH_DURATION",
     "WATCH_EVENTS",
     "format_time",

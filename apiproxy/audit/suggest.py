@@ -13,7 +13,9 @@ then merged only where the merge grants exactly the union and nothing more:
 Anything the policy loader calls dangerous (verbs other than get/list/watch/head, `secrets`,
 subresources proxy/exec/attach/portforward) is emitted COMMENTED OUT with a WARNING and
 `dangerous: true`, so the printed file loads as-is and grants nothing dangerous unless an
-operator deliberately uncomments it. Nothing is ever applied automatically.
+operator deliberately uncomments it. Reads (get/list/watch) of a dangerous resource the proxy can
+answer itself (secrets) are suggested as an active `view: empty` rule instead: the peer's client
+syncs and sees no object, and nothing reaches the upstream. Nothing is ever applied automatically.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ from typing import Any, Final
 
 from apiproxy.audit import events as ev
 from apiproxy.audit.review import Filter, ReadStats, Rec, iter_parsed
+from apiproxy.kinds import KINDS
 from apiproxy.policy.model import (
     DANGEROUS_RESOURCES,
     DANGEROUS_SUBRESOURCES,
     NON_RESOURCE_VERBS,
     READ_VERBS,
     RESOURCE_VERBS,
+    VIEW_VERBS,
 )
 
 MAX_GROUPS: Final = 10_000  # distinct (peer, group, resource) tracked; the rest are reported
@@ -91,6 +95,7 @@ class SuggestedRule:
     namespaces: list[str] | None = None  # None: all namespaces (field omitted)
     non_resource_urls: list[str] = field(default_factory=list)
     dangerous: bool = False
+    view: str = ""  # "empty": answered by the proxy (reads of secrets)
     seen: Seen = field(default_factory=Seen)
 
     def to_dict(self) -> dict[str, Any]:
@@ -105,6 +110,8 @@ class SuggestedRule:
             out["namespaces"] = self.namespaces
         if self.dangerous:
             out["dangerous"] = True
+        if self.view:
+            out["view"] = self.view
         return out
 
 
@@ -151,15 +158,25 @@ def _why_unloadable(rec: Rec) -> str | None:
     return None
 
 
-def _is_dangerous(rec: Rec) -> bool:
+def _mode(rec: Rec) -> str:
+    """'' for a plain read rule, 'view' for an empty-view rule, 'dangerous' for the rest."""
     if rec.verb not in READ_VERBS:
-        return True
-    return rec.is_resource and (
-        rec.resource in DANGEROUS_RESOURCES or rec.subresource in DANGEROUS_SUBRESOURCES
-    )
+        return "dangerous"
+    if not rec.is_resource:
+        return ""
+    if rec.subresource in DANGEROUS_SUBRESOURCES:
+        return "dangerous"
+    if rec.resource in DANGEROUS_RESOURCES:
+        viewable = (
+            rec.verb in VIEW_VERBS
+            and not rec.subresource
+            and (rec.api_group, rec.resource) in KINDS
+        )
+        return "view" if viewable else "dangerous"
+    return ""
 
 
-GroupKey = tuple[str, bool, str, str, bool]  # peer, is_resource, apiGroup, resource|url, dangerous
+GroupKey = tuple[str, bool, str, str, str]  # peer, is_resource, apiGroup, resource|url, mode
 
 
 def suggest(paths: Iterable[str], flt: Filter | None = None) -> Suggestion:
@@ -178,7 +195,7 @@ def suggest(paths: Iterable[str], flt: Filter | None = None) -> Suggestion:
             continue
         what = rec.resource + (f"/{rec.subresource}" if rec.subresource else "")
         key = (rec.peer, rec.is_resource, rec.api_group, what if rec.is_resource else rec.path)
-        full_key = (*key, _is_dangerous(rec))
+        full_key = (*key, _mode(rec))
         seen = groups.get(full_key)
         if seen is None:
             if len(groups) >= MAX_GROUPS:
@@ -193,34 +210,36 @@ def suggest(paths: Iterable[str], flt: Filter | None = None) -> Suggestion:
 
 def _build_rules(groups: dict[GroupKey, Seen]) -> list[SuggestedRule]:
     # 1. One peer: merge resources (or URLs) of one apiGroup with identical verbs and namespaces.
-    BodyKey = tuple[str, bool, str, tuple[str, ...], tuple[str, ...] | None, bool]
+    BodyKey = tuple[str, bool, str, tuple[str, ...], tuple[str, ...] | None, str]
     by_body: dict[BodyKey, tuple[list[str], Seen]] = {}
-    for (peer, is_resource, group, what, dangerous), seen in groups.items():
+    for (peer, is_resource, group, what, mode), seen in groups.items():
         order = RESOURCE_VERBS if is_resource else NON_RESOURCE_VERBS
         verbs = tuple(_sorted_verbs(seen.verbs, order))
         namespaces = (
             tuple(sorted(seen.namespaces)) if is_resource and seen.namespaces is not None else None
         )
-        body: BodyKey = (peer, is_resource, group, verbs, namespaces, dangerous)
+        body: BodyKey = (peer, is_resource, group, verbs, namespaces, mode)
         entry = by_body.setdefault(body, ([], Seen()))
         entry[0].append(what)
         entry[1].merge(seen)
     # 2. Identical bodies of different peers share one rule.
-    PeersKey = tuple[bool, str, tuple[str, ...], tuple[str, ...], tuple[str, ...] | None, bool]
+    PeersKey = tuple[bool, str, tuple[str, ...], tuple[str, ...], tuple[str, ...] | None, str]
     by_peers: dict[PeersKey, tuple[list[str], Seen]] = {}
-    for (peer, is_resource, group, verbs, namespaces, dangerous), (whats, seen) in by_body.items():
-        key: PeersKey = (is_resource, group, tuple(sorted(whats)), verbs, namespaces, dangerous)
+    for (peer, is_resource, group, verbs, namespaces, mode), (whats, seen) in by_body.items():
+        key: PeersKey = (is_resource, group, tuple(sorted(whats)), verbs, namespaces, mode)
         entry = by_peers.setdefault(key, ([], Seen()))
         entry[0].append(peer)
         entry[1].merge(seen)
     rules: list[SuggestedRule] = []
     used: set[str] = set()
-    for (is_resource, group, items, verbs, namespaces, dangerous), (peers, seen) in sorted(
-        by_peers.items(), key=lambda kv: (kv[0][5], sorted(kv[1][0]), kv[0][1], kv[0][2])
+    for (is_resource, group, items, verbs, namespaces, mode), (peers, seen) in sorted(
+        by_peers.items(),
+        key=lambda kv: (kv[0][5] == "dangerous", sorted(kv[1][0]), kv[0][1], kv[0][2], kv[0][5]),
     ):
         peers = sorted(peers)
+        dangerous = mode == "dangerous"
         rule = SuggestedRule(
-            name=_unique(_rule_name(peers, items, is_resource, dangerous), used),
+            name=_unique(_rule_name(peers, items, is_resource, mode), used),
             peers=peers,
             verbs=list(verbs),
             api_group=group if is_resource else None,
@@ -228,13 +247,14 @@ def _build_rules(groups: dict[GroupKey, Seen]) -> list[SuggestedRule]:
             namespaces=list(namespaces) if namespaces is not None else None,
             non_resource_urls=[] if is_resource else list(items),
             dangerous=dangerous,
+            view="empty" if mode == "view" else "",
             seen=seen,
         )
         rules.append(rule)
     return rules
 
 
-def _rule_name(peers: list[str], whats: tuple[str, ...], is_resource: bool, danger: bool) -> str:
+def _rule_name(peers: list[str], whats: tuple[str, ...], is_resource: bool, mode: str) -> str:
     who = peers[0] if len(peers) == 1 else f"{len(peers)}-peers"
     if is_resource:
         what = "-".join(w.replace("/", "-") for w in whats[:2])
@@ -242,7 +262,8 @@ def _rule_name(peers: list[str], whats: tuple[str, ...], is_resource: bool, dang
         what = "urls" if len(whats) > 1 else "url" + whats[0].replace("/", "-")
     if len(whats) > 2 and is_resource:
         what += f"-and-{len(whats) - 2}-more"
-    name = f"suggested-{'dangerous-' if danger else ''}{who}-{what}".lower()
+    prefix = {"dangerous": "dangerous-", "view": "empty-view-"}.get(mode, "")
+    name = f"suggested-{prefix}{who}-{what}".lower()
     name = re.sub(r"[^a-z0-9._:-]+", "-", name)
     name = re.sub(r"-{2,}", "-", name)[:120]
     return name.strip("-._:") or "suggested"
@@ -271,6 +292,11 @@ def _rule_lines(rule: SuggestedRule) -> list[str]:
         f"# from {s.count} denied request(s) ({verbs}), {s.first[0]} .. {s.last[0]}",
         f"# first auditID {s.first[1]}, last auditID {s.last[1]}",
     ]
+    if rule.view:
+        lines.append(
+            "# answered by the proxy with an empty view: the peer syncs and sees no object, "
+            "nothing goes upstream"
+        )
     if rule.api_group is not None and rule.namespaces is None:
         lines.append(
             f"# NOTE: requests came from more than {MAX_NAMESPACES} namespaces; widened to all"
@@ -287,6 +313,8 @@ def _rule_lines(rule: SuggestedRule) -> list[str]:
         lines.append(f"  namespaces: {_q(rule.namespaces)}")
     if rule.dangerous:
         lines.append("  dangerous: true")
+    if rule.view:
+        lines.append(f"  view: {rule.view}")
     return lines
 
 
@@ -308,7 +336,8 @@ def render(result: Suggestion, sources: list[str]) -> str:
         f"# read from: {', '.join(sources)}",
         "# REVIEW BEFORE ADDING: nothing is applied automatically. Copy the rules you agree with",
         "# into the policy file. Rules that would grant writes, secrets or",
-        "# exec/attach/portforward/proxy are commented out, with a WARNING saying why.",
+        "# exec/attach/portforward/proxy are commented out, with a WARNING saying why;",
+        "# reads of secrets are suggested as an empty view (view: empty), which exposes nothing.",
         "apiVersion: apiproxy/v1",
         "kind: AccessPolicy",
     ]

@@ -75,9 +75,12 @@ def _check(files: list[str], prog: str) -> int:
             continue
         resource = sum(r.is_resource_rule for r in policy.rules)
         dangerous = sum(r.dangerous for r in policy.rules)
+        views = sum(bool(r.view) for r in policy.rules)
         print(
             f"{file}: ok, {len(policy.rules)} rules ({resource} resource, "
-            f"{len(policy.rules) - resource} non-resource, {dangerous} dangerous)"
+            f"{len(policy.rules) - resource} non-resource, {dangerous} dangerous"
+            + (f", {views} answered with an empty view" if views else "")
+            + ")"
         )
     return status
 
@@ -86,10 +89,16 @@ def _result(policy: Policy, peer: str, method: str, target: str) -> tuple[bool, 
     try:
         info = classify(method, target)
     except RequestRejected as exc:
-        decision = {"allowed": False, "rule": None, "reason": f"rejected: {exc.reason}"}
-        return False, {"request": {"rejected": exc.reason}, "decision": decision}
+        refused = {"allowed": False, "rule": None, "reason": f"rejected: {exc.reason}"}
+        return False, {"request": {"rejected": exc.reason}, "decision": refused}
     verdict = policy.decide(peer, info)
-    decision = {"allowed": verdict.allowed, "rule": verdict.rule, "reason": verdict.reason}
+    decision: dict[str, Any] = {
+        "allowed": verdict.allowed,
+        "rule": verdict.rule,
+        "reason": verdict.reason,
+    }
+    if verdict.view:
+        decision["view"] = verdict.view  # answered by the proxy; nothing goes upstream
     return verdict.allowed, {"request": info.to_dict(), "decision": decision}
 
 

@@ -22,6 +22,7 @@ class Decision:
     rule: str | None
     reason: str
     dangerous: bool = False
+    view: str = ""  # non-empty: answer with this view (apiproxy.view) instead of forwarding
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +120,13 @@ class Engine:
         if rule is None:
             return Decision(
                 False, None, f"denied: no rule allows peer {peer!r} to {describe(info)}"
+            )
+        if rule.view:
+            return Decision(
+                True,
+                rule.name,
+                f"allowed by rule {rule.name!r} with an {rule.view} view",
+                view=rule.view,
             )
         return Decision(True, rule.name, f"allowed by rule {rule.name!r}", rule.dangerous)
 

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from apiproxy.errors import UserError
+from apiproxy.kinds import KINDS
 
 __all__ = [
     "API_VERSION",
@@ -23,6 +24,8 @@ __all__ = [
     "NON_RESOURCE_VERBS",
     "READ_VERBS",
     "RESOURCE_VERBS",
+    "VIEWS",
+    "VIEW_VERBS",
     "PolicyError",
     "Rule",
     "parse_rules",
@@ -46,6 +49,9 @@ NON_RESOURCE_VERBS = ("get", "head", "post", "put", "patch", "delete")
 READ_VERBS = frozenset({"get", "list", "watch", "head"})
 DANGEROUS_RESOURCES = frozenset({"secrets"})
 DANGEROUS_SUBRESOURCES = frozenset({"proxy", "exec", "attach", "portforward"})
+# `view: empty`: the proxy answers matching reads itself with an empty view (apiproxy.view).
+VIEWS = ("empty",)
+VIEW_VERBS = ("get", "list", "watch")
 
 _RULE_KEYS = (
     "name",
@@ -57,6 +63,7 @@ _RULE_KEYS = (
     "resourceNames",
     "nonResourceURLs",
     "dangerous",
+    "view",
 )
 _TOP_KEYS = ("apiVersion", "kind", "rules")
 _STR = "tag:yaml.org,2002:str"
@@ -88,6 +95,7 @@ class Rule:
     resource_names: tuple[str, ...] = ()
     non_resource_urls: tuple[str, ...] = ()
     dangerous: bool = False
+    view: str = ""  # "" forwards; "empty": the proxy answers with an empty view itself
     line: int = 0
 
     @property
@@ -265,6 +273,22 @@ def _parse_rule(p: _Parser, node: yaml.Node) -> Rule:
         dangerous = dangerous_node.value.lower() in ("true", "yes", "on", "y")
 
     is_nonresource = "nonResourceURLs" in fields
+    view = ""
+    if "view" in fields:
+        view_node = fields["view"][1]
+        view = p.string(view_node, "view")
+        if view not in VIEWS:
+            raise p.error(
+                view_node,
+                f"view {view!r} is not known; allowed: {', '.join(VIEWS)} "
+                "(omit view to forward the request)",
+            )
+        if is_nonresource:
+            raise p.error(
+                fields["view"][0],
+                f"{where} has a view, which only resource rules can have; "
+                "remove view or use apiGroups+resources",
+            )
     resource_keys = [
         k for k in ("apiGroups", "resources", "namespaces", "resourceNames") if k in fields
     ]
@@ -290,6 +314,15 @@ def _parse_rule(p: _Parser, node: yaml.Node) -> Rule:
         elif value not in READ_VERBS:
             hazards.append((item, f"verb {value!r} is not read-only"))
     verb_values = tuple(v for v, _ in verbs)
+    if view:
+        for value, item in verbs:
+            if value not in VIEW_VERBS:
+                raise p.error(
+                    item,
+                    f"verb {value!r} cannot be answered with a view; a rule with view: {view} "
+                    f"allows only {', '.join(VIEW_VERBS)}",
+                )
+        hazards.clear()  # only read verbs are left, and a view exposes nothing
 
     if is_nonresource:
         urls = p.strings(fields["nonResourceURLs"][1], "nonResourceURLs")
@@ -337,6 +370,28 @@ def _parse_rule(p: _Parser, node: yaml.Node) -> Rule:
     )
     for value, item in resources:
         _check_resource(p, value, item, hazards)
+    if view:
+        # The proxy makes the answer up, so it must know each Kind: no wildcards, no subresources.
+        hazards.clear()  # secrets through an empty view expose nothing
+        for value, item in groups:
+            if value == "*":
+                raise p.error(
+                    item,
+                    f"{where} has a view, so list its API groups exactly; "
+                    "'*' would leave the kind of the answer unknown",
+                )
+        for value, item in resources:
+            unknown = [g for g, _ in groups if (g, value) not in KINDS]
+            if unknown:
+                group = unknown[0] or '"" (core)'
+                known = sorted({r for g, r in KINDS if g == unknown[0]})
+                raise p.error(
+                    item,
+                    f"resource {value!r} in API group {group} has no kind the proxy knows, so it "
+                    "cannot answer it with a view"
+                    + (f"; known in that group: {', '.join(known)}" if known else "")
+                    + " (subresources and '*' are never viewable)",
+                )
     namespaces: tuple[str, ...] = ("*",)
     if "namespaces" in fields:
         ns_items = p.strings(fields["namespaces"][1], "namespaces")
@@ -377,6 +432,7 @@ def _parse_rule(p: _Parser, node: yaml.Node) -> Rule:
         namespaces=namespaces,
         resource_names=resource_names,
         dangerous=dangerous,
+        view=view,
         line=node.start_mark.line + 1,
     )
 

@@ -1,7 +1,8 @@
 """Derive the proxy's own upstream RBAC from a policy, so RBAC and policy never drift.
 
 The proxy forwards with its own service account, so kube-apiserver's RBAC must grant at least what
-the policy can allow, and should grant no more. Rules limited to named namespaces become Roles in
+the policy can allow, and should grant no more. Rules with a `view` are answered by the proxy
+itself and need nothing upstream. Rules limited to named namespaces become Roles in
 those namespaces instead of widening the ClusterRole.
 """
 
@@ -47,6 +48,8 @@ def rbac_documents(
     cluster: list[dict[str, Any]] = []
     per_namespace: dict[str, list[dict[str, Any]]] = {}
     for rule in rules:
+        if rule.view:
+            continue  # answered by the proxy itself: nothing of it reaches the upstream
         rbac = _rbac_rule(rule)
         # "*" and "" (cluster-scoped objects, all-namespace lists) can only be granted cluster-wide.
         if not rule.is_resource_rule or "*" in rule.namespaces or "" in rule.namespaces:

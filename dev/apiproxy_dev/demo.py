@@ -5,8 +5,8 @@ Two clusters share the cluster domain `cluster.local` but have separate Istio ro
 come up; IstioMulticluster objects are created on both sides; the controllers exchange metadata and
 write the remote secrets, the proxies' peers Secrets, mesh trust and meshNetworks. Then a stand-in
 for cluster A's istiod, built only from the remote secret's kubeconfig, discovers cluster B's
-endpoints through B's api-proxy, sees a new pod arrive live, and is refused B's secrets. B's audit
-log is summarized at the end.
+endpoints through B's api-proxy, sees a new pod arrive live, sees none of B's secrets (the policy's
+empty view) and is refused writes. B's audit log is summarized at the end.
 
 Every step checks what it claims; the first that does not hold prints `FAILED: step N: why` and the
 command exits 1. Everything runs in this process on 127.0.0.1; files live in a temporary directory
@@ -40,6 +40,8 @@ from kubernetes_asyncio.client import (
     CoreV1Api,
     CustomObjectsApi,
     DiscoveryV1Api,
+    V1ConfigMap,
+    V1ObjectMeta,
 )
 from kubernetes_asyncio.client.exceptions import ApiException
 
@@ -902,37 +904,63 @@ class Demo:
 
     async def step_secrets_refused(self) -> None:
         n = self.say
-        n.begin("The stand-in tries to read cluster-b's secrets: refused")
+        n.begin("The stand-in reads cluster-b's secrets: it sees none; its writes are refused")
         a, b = self.sides()
         assert self.remote is not None
         core = CoreV1Api(self.remote)
-        attempts: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
-            ("GET /api/v1/secrets", core.list_secret_for_all_namespaces),
+        held = len(b.store.list("secrets"))
+        # The shipped policy answers secrets with an empty view (istiod's informer syncs and sees
+        # nothing); a policy without that rule refuses them (403). Either way nothing is read.
+        reads: list[tuple[str, Callable[[], Awaitable[Any]], int]] = [
+            ("GET /api/v1/secrets", core.list_secret_for_all_namespaces, 200),
             (
                 f"GET /api/v1/namespaces/{APIPROXY_NAMESPACE}/secrets/apiproxy-identity",
                 lambda: core.read_namespaced_secret("apiproxy-identity", APIPROXY_NAMESPACE),
+                404,
             ),
         ]
-        for what, call in attempts:
+        for what, call, hidden in reads:
             try:
                 result = await call()
             except ApiException as exc:
                 status, reason, message = api_error(exc)
+                check(status in (403, hidden), f"{what} answered {status} {reason}")
+                n.say(f"{what} -> {status} {reason}: {message}")
+                continue
+            items = getattr(result, "items", None)
+            if items is None or items:
+                got = f"{len(items)} secrets" if items is not None else "a secret"
+                raise StepFailed(
+                    f"{what} was not hidden: the stand-in read {got} of {b.label} "
+                    f"(policy {self.opts.policy.name} lets peers read secrets)"
+                )
+            n.say(f"{what} -> 200, an empty SecretList ({b.label} holds {held} secrets)")
+        writes: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
+            (
+                f"DELETE /api/v1/namespaces/{APIPROXY_NAMESPACE}/secrets/apiproxy-identity",
+                lambda: core.delete_namespaced_secret("apiproxy-identity", APIPROXY_NAMESPACE),
+            ),
+            (
+                "POST /api/v1/namespaces/default/configmaps",
+                lambda: core.create_namespaced_config_map(
+                    "default",
+                    V1ConfigMap(metadata=V1ObjectMeta(name="planted"), data={"x": "y"}),
+                ),
+            ),
+        ]
+        for what, call in writes:
+            try:
+                await call()
+            except ApiException as exc:
+                status, reason, message = api_error(exc)
                 check(status == 403, f"{what} answered {status} {reason}, expected 403")
                 check(
-                    reason == "Forbidden"
-                    and "secrets" in message
-                    and f'User "peer:{a.label}"' in message,
+                    reason == "Forbidden" and f'User "peer:{a.label}"' in message,
                     f"{what}: unexpected refusal {message!r}",
                 )
                 n.say(f"{what} -> {status} {reason}: {message}")
             else:
-                items = getattr(result, "items", None)
-                got = f"{len(items)} secrets" if items is not None else "a secret"
-                raise StepFailed(
-                    f"{what} was not refused: the stand-in read {got} of {b.label} "
-                    f"(policy {self.opts.policy.name} lets peers read secrets)"
-                )
+                raise StepFailed(f"{what} was not refused: the stand-in wrote to {b.label}")
 
     # ------------------------------------------------------------------ 12
 

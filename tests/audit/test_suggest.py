@@ -90,12 +90,23 @@ def test_suggested_policy_loads_and_allows_exactly_the_denied_reads(tmp_path, re
     policy = Policy.from_text(text, "suggested.yaml")
     denied = [r for r in records if r["responseStatus"]["code"] == 403]
     assert result.denied == len(denied) == 15
-    dangerous = {"secrets", "pods", "services"}  # get secrets, create pods/exec, patch services
+    dangerous = {"pods", "services"}  # create pods/exec, patch services
     for record in denied:
         expect = (
             record["objectRef"].get("resource") not in dangerous if "objectRef" in record else True
         )
         assert decide(policy, record) is expect, record["requestURI"]
+    # The read of a secret is allowed only as an empty view: the proxy answers, nothing leaks.
+    secret = policy.decide(
+        "cluster-b", classify("GET", "/api/v1/namespaces/istio-system/secrets/cacerts")
+    )
+    assert (secret.allowed, secret.view) == (True, "empty")
+    assert (
+        policy.decide(
+            "cluster-b", classify("GET", "/api/v1/namespaces/istio-system/configmaps/istio")
+        ).view
+        == ""
+    )
     # Exact, not wider: other namespaces, names' neighbours and other peers stay denied.
     assert not policy.decide(
         "cluster-c", classify("GET", "/api/v1/namespaces/istio-system/configmaps")
@@ -114,7 +125,7 @@ def test_suggested_policy_loads_and_allows_exactly_the_denied_reads(tmp_path, re
     everything = Policy.from_text(uncomment(text), "uncommented.yaml")
     for record in denied:
         assert decide(everything, record), record["requestURI"]
-    assert sum(r.dangerous for r in everything.rules) == 3
+    assert sum(r.dangerous for r in everything.rules) == 2
 
 
 def test_rules_are_merged_exactly(tmp_path, records, log_writer):
@@ -134,10 +145,14 @@ def test_rules_are_merged_exactly(tmp_path, records, log_writer):
     assert rules[("gateways",)].api_group == "networking.istio.io"
     assert rules[("/metrics",)].api_group is None
     assert {r.name for r in result.commented} == {
-        "suggested-dangerous-cluster-b-secrets",
         "suggested-dangerous-cluster-b-pods-exec",
         "suggested-dangerous-cluster-b-services",
     }
+    # A read of secrets becomes an active empty-view rule, not a commented dangerous grant.
+    views = [r for r in result.active if r.view]
+    assert [(r.name, r.resources, r.view) for r in views] == [
+        ("suggested-empty-view-cluster-b-secrets", ["secrets"], "empty")
+    ]
     assert len({r.name for r in result.rules}) == len(result.rules)
 
 
@@ -148,7 +163,7 @@ def test_yaml_shape_and_provenance_comments(tmp_path, records, log_writer):
     doc = yaml.safe_load(text)
     assert doc["apiVersion"] == "apiproxy/v1"
     assert doc["kind"] == "AccessPolicy"
-    assert len(doc["rules"]) == len(result.active) == 4
+    assert len(doc["rules"]) == len(result.active) == 5
     for rule in doc["rules"]:
         assert set(rule) <= {
             "name",
@@ -158,14 +173,17 @@ def test_yaml_shape_and_provenance_comments(tmp_path, records, log_writer):
             "verbs",
             "namespaces",
             "nonResourceURLs",
+            "view",
         }
         assert set(rule["verbs"]) <= {"get", "list", "watch"}
-        assert not any(r.startswith("secrets") for r in rule.get("resources", []))
+        if any(r.startswith("secrets") for r in rule.get("resources", [])):
+            assert rule["view"] == "empty"
     first_id = records[1]["auditID"]
     last_id = records[10]["auditID"]
     assert f"first auditID {first_id}, last auditID {last_id}" in text
     assert "# from 8 denied request(s) (get x4, list x2, watch x2)" in text
-    assert text.count("# WARNING: DANGEROUS") == 3
+    assert text.count("# WARNING: DANGEROUS") == 2
+    assert text.count("# answered by the proxy with an empty view") == 1
     assert "REVIEW BEFORE ADDING" in text
 
 
@@ -177,10 +195,29 @@ def test_nothing_denied_is_still_a_valid_empty_policy(tmp_path, synth, log_write
 
 
 def test_only_dangerous_denials_leave_rules_empty_but_loadable(tmp_path, synth, log_writer):
-    path = log_writer(tmp_path / "audit.log", [synth.denied(resource="secrets")])
+    path = log_writer(tmp_path / "audit.log", [synth.denied(verb="delete", resource="secrets")])
     text = render(suggest([str(path)]), [str(path)])
     assert Policy.from_text(text).rules == ()
     assert len(Policy.from_text(uncomment(text)).rules) == 1
+
+
+def test_secret_reads_become_an_empty_view_and_writes_stay_dangerous(tmp_path, synth, log_writer):
+    records = [
+        synth.denied("cluster-b", "list", "secrets", "", ""),
+        synth.denied("cluster-b", "watch", "secrets", "", ""),
+        synth.denied("cluster-b", "update", "secrets", "a", "s"),
+    ]
+    path = log_writer(tmp_path / "audit.log", records)
+    text = render(suggest([str(path)]), [str(path)])
+    policy = Policy.from_text(text)
+    (rule,) = policy.rules
+    assert (rule.view, rule.verbs, rule.dangerous) == ("empty", ("list", "watch"), False)
+    watch = policy.decide("cluster-b", classify("GET", "/api/v1/secrets?watch=1"))
+    assert (watch.allowed, watch.view) == (True, "empty")
+    assert not policy.decide("cluster-b", classify("PUT", "/api/v1/namespaces/a/secrets/s")).allowed
+    everything = Policy.from_text(uncomment(text))
+    update = everything.decide("cluster-b", classify("PUT", "/api/v1/namespaces/a/secrets/s"))
+    assert (update.allowed, update.view, update.dangerous) == (True, "", True)
 
 
 def test_peer_filter(tmp_path, records, log_writer):

@@ -60,9 +60,20 @@ def test_demo_plays_the_whole_story() -> None:
     live = re.search(r"got ADDED (ns-0/app-0-7d4b9c8f6d-\w{5}) ([\d.]+) ms after creation", out)
     assert live, out
     assert "13 in total" in out
+    # Secrets: the shipped policy's empty view, although cluster-b holds some; writes refused.
+    held = re.search(
+        r"GET /api/v1/secrets -> 200, an empty SecretList \(cluster-b holds (\d+)", out
+    )
+    assert held, out
+    assert int(held.group(1)) >= 1
     assert re.search(
-        r'GET /api/v1/secrets -> 403 Forbidden: secrets is forbidden: User "peer:cluster-a" '
-        r'cannot list resource "secrets"',
+        r"GET /api/v1/namespaces/apiproxy-system/secrets/apiproxy-identity -> 404 NotFound: "
+        r'secrets "apiproxy-identity" not found',
+        out,
+    )
+    assert re.search(
+        r"DELETE /api/v1/namespaces/apiproxy-system/secrets/apiproxy-identity -> 403 Forbidden: "
+        r'secrets "apiproxy-identity" is forbidden: User "peer:cluster-a" cannot delete',
         out,
     )
 
@@ -103,7 +114,7 @@ def test_a_policy_granting_secrets_fails_the_refusal_step(
     assert kept, out
     try:
         assert code == 1
-        assert "FAILED: step 11: GET /api/v1/secrets was not refused" in out
+        assert "FAILED: step 11: GET /api/v1/secrets was not hidden" in out
         assert "lets peers read secrets" in out
         assert f"[{STEPS}/{STEPS}]" not in out
         assert "All 12 steps" not in out

@@ -2,8 +2,8 @@
 
 Cluster A's istiod is played by a kubernetes_asyncio client built from nothing but the remote
 secret the controller wrote in A: it lists and watches B's pods and endpoints through B's
-api-proxy, and is refused B's secrets. The kubelet's projection of the `apiproxy-peers` Secret
-into the proxy's --peers file is played by `sync_peers`.
+api-proxy, and sees none of B's secrets (the shipped policy's empty view). The kubelet's
+projection of the `apiproxy-peers` Secret into the proxy's --peers file is played by `sync_peers`.
 """
 
 from __future__ import annotations
@@ -194,13 +194,17 @@ async def test_istiod_in_a_discovers_b_through_bs_api_proxy(two_sides):
                 w.stop()
         await w.close()
         assert "MODIFIED endpoints" in seen
-        # Secrets are not part of the allowlist.
-        with pytest.raises(ApiException) as refused:
-            await core.list_secret_for_all_namespaces()
-        assert refused.value.status == 403
-        with pytest.raises(ApiException) as refused_one:
+        # Secrets: the shipped policy's empty view. B holds secrets; A's istiod sees none of them,
+        # a named read is NotFound, and a write is refused.
+        assert b.cluster.store.list("secrets", "apiproxy-system")
+        listed = await core.list_secret_for_all_namespaces()
+        assert listed.items == []
+        with pytest.raises(ApiException) as hidden:
             await core.read_namespaced_secret("apiproxy-identity", "apiproxy-system")
-        assert refused_one.value.status == 403
+        assert hidden.value.status == 404
+        with pytest.raises(ApiException) as refused:
+            await core.delete_namespaced_secret("apiproxy-identity", "apiproxy-system")
+        assert refused.value.status == 403
 
 
 async def test_peer_outage_and_credential_rotation(two_sides, capfd):

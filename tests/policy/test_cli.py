@@ -33,7 +33,8 @@ def test_check_shipped_policies_with_console_script() -> None:
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines == [
-        f"{ISTIO}: ok, 7 rules (6 resource, 1 non-resource, 0 dangerous)",
+        f"{ISTIO}: ok, 9 rules (8 resource, 1 non-resource, 0 dangerous, "
+        "2 answered with an empty view)",
         f"{MINIMAL}: ok, 1 rules (1 resource, 0 non-resource, 0 dangerous)",
     ]
 
@@ -61,9 +62,16 @@ def test_explain_allowed_denied_rejected_exit_codes() -> None:
         "isResourceRequest", "path", "verb", "apiPrefix", "apiGroup", "apiVersion", "namespace",
         "resource", "subresource", "name", "parts", "fieldSelector", "labelSelector",
     }  # fmt: skip
-    denied = run("explain", "--policy", str(ISTIO), "GET", "/api/v1/namespaces/a/secrets")
+    denied = run("explain", "--policy", str(ISTIO), "DELETE", "/api/v1/namespaces/a/secrets/s")
     assert denied.returncode == 3
     assert json.loads(denied.stdout)["decision"]["allowed"] is False
+    # Reading secrets is allowed only as the proxy's own empty view, and explain says so.
+    view = run("explain", "--policy", str(ISTIO), "GET", "/api/v1/namespaces/a/secrets")
+    assert view.returncode == 0, view.stderr
+    assert json.loads(view.stdout)["decision"] == {
+        "allowed": True, "rule": "istio-remote-empty-secrets",
+        "reason": "allowed by rule 'istio-remote-empty-secrets' with an empty view", "view": "empty",
+    }  # fmt: skip
     rejected = run("explain", "--policy", str(ISTIO), "GET", "/api/v1/namespaces/a/pods/%2e%2e")
     assert rejected.returncode == 3
     out = json.loads(rejected.stdout)

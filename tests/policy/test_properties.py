@@ -135,8 +135,13 @@ def test_nothing_outside_the_istio_allowlist_is_allowed(
     except RequestRejected:
         return
     decision = ISTIO.decide("c1", info)
-    if decision.allowed:
-        # The only configmap reachable is the mesh config "istio" in istio-system, read-only.
+    if decision.allowed and decision.view:
+        # Secrets and other configmaps are read only through the proxy's empty view: no data.
+        assert decision.view == "empty"
+        assert (info.resource, info.subresource) in (("secrets", ""), ("configmaps", ""))
+        assert info.verb in ("get", "list", "watch")
+    elif decision.allowed:
+        # The only configmap forwarded is the mesh config "istio" in istio-system, read-only.
         assert (info.resource, info.namespace, info.name) == ("configmaps", "istio-system", "istio")
         assert info.verb in ("get", "list", "watch")
         assert decision.rule == "istio-mesh-config"

@@ -94,6 +94,17 @@ CASES = [
     ("nonresource mid star", HEAD + "  - name: n\n    peers: ['*']\n    nonResourceURLs: ['/a*b']\n    verbs: [get]\n", "p.yaml:6:23: nonResourceURL '/a*b' is not valid", ""),
     ("nonresource dotdot", HEAD + "  - name: n\n    peers: ['*']\n    nonResourceURLs: ['/a/../b']\n    verbs: [get]\n", "p.yaml:6:23: nonResourceURL '/a/../b' is not valid", ""),
     ("tagged value", HEAD + OK_RULE.replace("name: r1", "name: !x r1"), "p.yaml:4:11: name must be a string", ""),
+    ("view unknown", HEAD + OK_RULE + "    view: full\n", "p.yaml:9:11: view 'full' is not known; allowed: empty", "omit view to forward"),
+    ("view not string", HEAD + OK_RULE + "    view: yes\n", "p.yaml:9:11: view must be a string (YAML read 'yes' as bool", ""),
+    ("view write verb", HEAD + OK_RULE.replace("[get, list]", "[get, delete]") + "    view: empty\n", "p.yaml:8:18: verb 'delete' cannot be answered with a view", "allows only get, list, watch"),
+    ("view star verb", HEAD + OK_RULE.replace("[get, list]", "['*']") + "    view: empty\n", "p.yaml:8:13: verb '*' cannot be answered with a view", ""),
+    ("view nonresource", HEAD + "  - name: n\n    peers: ['*']\n    nonResourceURLs: [/version]\n    verbs: [get]\n    view: empty\n", "p.yaml:8:5: rule 'n' has a view, which only resource rules can have", ""),
+    ("view star group", HEAD + OK_RULE.replace("['']", "['*']") + "    view: empty\n", "p.yaml:6:17: rule 'r1' has a view, so list its API groups exactly", ""),
+    ("view subresource", HEAD + OK_RULE.replace("[pods]", "[pods/log]") + "    view: empty\n", "p.yaml:7:17: resource 'pods/log' in API group \"\" (core) has no kind the proxy knows", "known in that group: configmaps"),
+    ("view star resource", HEAD + OK_RULE.replace("[pods]", "['*']") + "    view: empty\n", "p.yaml:7:17: resource '*' in API group \"\" (core) has no kind", "never viewable"),
+    ("view unknown kind", HEAD + OK_RULE.replace("['']", "[example.com]").replace("[pods]", "[widgets]") + "    view: empty\n", "p.yaml:7:17: resource 'widgets' in API group example.com has no kind the proxy knows", ""),
+    ("view kind of other group", HEAD + OK_RULE.replace("['']", "['', apps]").replace("[pods]", "[secrets]") + "    view: empty\n", "p.yaml:7:17: resource 'secrets' in API group apps has no kind", "known in that group: daemonsets"),
+    ("view needless dangerous", HEAD + OK_RULE.replace("[pods]", "[secrets]") + "    view: empty\n    dangerous: true\n", "p.yaml:10:16: rule 'r1' grants nothing dangerous", ""),
 ]  # fmt: skip
 
 
@@ -129,3 +140,23 @@ def test_error_on_loaded_file_names_the_path(tmp_path: Path) -> None:
     with pytest.raises(PolicyError) as caught:
         Policy.load(path)
     assert str(caught.value).startswith(f"{path}:8:18: unknown verb 'lst'")
+
+
+def test_empty_view_of_secrets_needs_no_dangerous_flag() -> None:
+    from apiproxy.policy.rbac import rbac_documents
+    from apiproxy.request import classify
+
+    p = Policy.from_text(
+        HEAD
+        + OK_RULE.replace("[pods]", "[secrets, configmaps]").replace("[get, list]", "[list, watch]")
+        + "    view: empty\n"
+        + OK_RULE.replace("r1", "r2")
+    )
+    assert (p.rules[0].view, p.rules[0].dangerous, p.rules[1].view) == ("empty", False, "")
+    decision = p.decide("c1", classify("GET", "/api/v1/secrets?watch=1"))
+    assert (decision.allowed, decision.rule, decision.view) == (True, "r1", "empty")
+    assert p.decide("c1", classify("GET", "/api/v1/pods")).view == ""
+    assert not p.decide("c1", classify("GET", "/api/v1/namespaces/a/secrets/s")).allowed
+    # The proxy answers the view itself, so its upstream RBAC grants none of it.
+    (role,) = rbac_documents(p.rules)
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}]

@@ -26,7 +26,6 @@ ALLOWED: dict[str, str] = {
     "openapi-v2": "no OpenAPI v2 document; kubectl falls back to compiled-in metadata",
     "accept-table": "no server-side Table",
     "accept-table-or-json": "no server-side Table; JSON is the client's stated fallback",
-    "accept-partial-metadata": "no PartialObjectMetadata(List) conversion",
     "accept-protobuf": "no protobuf encoding",
     "accept-protobuf-or-json": "no protobuf encoding; JSON is the client's stated fallback",
     "accept-yaml": "no YAML responses",

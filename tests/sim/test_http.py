@@ -267,6 +267,40 @@ async def test_content_negotiation(raw: Any) -> None:
     assert body["reason"] == "NotAcceptable"
 
 
+async def test_partial_object_metadata_for_metadata_informers(
+    raw: Any, sim: SimAPIServer, make_pod: Any
+) -> None:
+    """client-go's metadata client asks for metadata only; kube-apiserver answers it so, in a
+    list, a named get and every watch event (full objects would not decode in its watch)."""
+    sim.store.create(make_pod("p0", labels={"app": "web"}))
+    list_accept = (
+        "application/vnd.kubernetes.protobuf;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,"
+        "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json"
+    )
+    code, _, lst = await raw.get("/api/v1/pods", headers={"Accept": list_accept})
+    assert code == 200
+    assert (lst["kind"], lst["apiVersion"]) == ("PartialObjectMetadataList", "meta.k8s.io/v1")
+    (item,) = lst["items"]
+    assert set(item) == {"kind", "apiVersion", "metadata"}
+    assert (item["kind"], item["metadata"]["labels"]) == ("PartialObjectMetadata", {"app": "web"})
+    one = list_accept.replace("MetadataList", "Metadata")
+    code, _, got = await raw.get("/api/v1/namespaces/default/pods/p0", headers={"Accept": one})
+    assert (code, got["kind"], "spec" in got) == (200, "PartialObjectMetadata", False)
+    events = await raw.watch_lines(
+        "/api/v1/pods?watch=1&sendInitialEvents=true&resourceVersionMatch=NotOlderThan"
+        "&allowWatchBookmarks=true",
+        headers={"Accept": one},
+        count=2,
+    )
+    assert [e["type"] for e in events] == ["ADDED", "BOOKMARK"]
+    assert {e["object"]["kind"] for e in events} == {"PartialObjectMetadata"}
+    assert "spec" not in events[0]["object"]
+    assert events[1]["object"]["metadata"]["annotations"] == {"k8s.io/initial-events-end": "true"}
+    # Plain JSON clients still get full objects.
+    code, _, full = await raw.get("/api/v1/pods")
+    assert (full["kind"], "spec" in full["items"][0]) == ("PodList", True)
+
+
 async def test_list_selectors(raw: Any, sim: SimAPIServer, make_pod: Any) -> None:
     sim.store.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "other"}})
     sim.store.create(make_pod("a", labels={"app": "web", "tier": "fe"}))

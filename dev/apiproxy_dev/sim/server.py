@@ -44,17 +44,56 @@ _BODY_TYPES = (JSON, "application/yaml")
 _AUDIT_KEY = web.RequestKey("audit_id", str) if hasattr(web, "RequestKey") else "audit_id"
 
 
-def _accepts_json(accept: str) -> bool:
-    """Whether an Accept header admits plain JSON (we serve no protobuf, Table or YAML)."""
+_PARTIAL = ("PartialObjectMetadata", "PartialObjectMetadataList")
+
+
+def _negotiate(accept: str) -> str | None:
+    """The first Accept entry we serve: "json", "partial" (JSON metadata-only objects, what
+    metadata informers ask for with `as=PartialObjectMetadata[List];g=meta.k8s.io;v=v1`), or
+    None when nothing is acceptable (we serve no protobuf, Table or YAML)."""
     if not accept.strip():
-        return True
+        return "json"
     for item in accept.split(","):
         parts = [p.strip() for p in item.split(";")]
         mtype = parts[0].lower()
-        params = {p.split("=", 1)[0].strip().lower() for p in parts[1:] if "=" in p}
-        if mtype in ("*/*", "application/*", JSON) and not params & {"as", "g", "v"}:
-            return True
-    return False
+        params = {
+            k.strip().lower(): v.strip()
+            for k, _, v in (p.partition("=") for p in parts[1:] if "=" in p)
+        }
+        if mtype not in ("*/*", "application/*", JSON):
+            continue
+        if not params.keys() & {"as", "g", "v"}:
+            return "json"
+        if (
+            params.get("as") in _PARTIAL
+            and params.get("g") == "meta.k8s.io"
+            and params.get("v") in ("v1", "v1beta1")
+        ):
+            return "partial"
+    return None
+
+
+def _accepts_json(accept: str) -> bool:
+    return _negotiate(accept) is not None
+
+
+def _partial(raw: bytes) -> bytes:
+    """An object as kube-apiserver answers `as=PartialObjectMetadata`: its metadata only."""
+    obj = json.loads(raw)
+    return dumps(
+        {
+            "kind": "PartialObjectMetadata",
+            "apiVersion": "meta.k8s.io/v1",
+            "metadata": obj.get("metadata", {}),
+        }
+    )
+
+
+def _partial_event(line: bytes) -> bytes:
+    ev = json.loads(line)
+    if ev.get("type") != "ERROR":
+        ev["object"] = json.loads(_partial(dumps(ev["object"])))
+    return dumps(ev) + b"\n"
 
 
 class _Route:
@@ -426,6 +465,7 @@ class SimAPIServer:
         dry_run = q.get("dryRun") == "All"
         store = self.store
         if method == "GET":
+            partial = _negotiate(request.headers.get("Accept", "")) == "partial"
             # ?watch only turns a LIST into a watch; a GET of one object returns the object (a
             # single-object watch is the /watch/ path, or a LIST with fieldSelector=metadata.name).
             if route.watch or (not route.name and _bool(q.get("watch"))):
@@ -433,12 +473,13 @@ class SimAPIServer:
                     flt_fs = f"metadata.name={route.name}"
                     extra = q.get("fieldSelector", "")
                     return await self._watch(
-                        request, rt, route, ",".join(s for s in (flt_fs, extra) if s)
+                        request, rt, route, ",".join(s for s in (flt_fs, extra) if s), partial
                     )
-                return await self._watch(request, rt, route, q.get("fieldSelector", ""))
+                return await self._watch(request, rt, route, q.get("fieldSelector", ""), partial)
             if route.name:
-                return self._json(store.get_entry(rt, route.namespace, route.name).raw)
-            return await self._list(request, rt, route)
+                raw = store.get_entry(rt, route.namespace, route.name).raw
+                return self._json(_partial(raw) if partial else raw)
+            return await self._list(request, rt, route, partial)
         if method == "POST":
             if route.name:
                 raise ApiError(
@@ -677,7 +718,7 @@ class SimAPIServer:
     # ------------------------------------------------------------------------- LIST
 
     async def _list(
-        self, request: web.Request, rt: ResourceType, route: _Route
+        self, request: web.Request, rt: ResourceType, route: _Route, partial: bool = False
     ) -> web.StreamResponse:
         q = request.query
         rv, rvm, cont = (
@@ -750,16 +791,23 @@ class SimAPIServer:
             meta["continue"] = res.continue_token
         if res.remaining is not None:
             meta["remainingItemCount"] = res.remaining
+        kind, api_version = (
+            ("PartialObjectMetadataList", "meta.k8s.io/v1")
+            if partial
+            else (rt.list_kind, rt.api_version)
+        )
         head = (
             b'{"kind":"'
-            + rt.list_kind.encode()
+            + kind.encode()
             + b'","apiVersion":"'
-            + rt.api_version.encode()
+            + api_version.encode()
             + b'","metadata":'
             + dumps(meta)
             + b',"items":['
         )
         items = res.items
+        if partial:
+            return self._json(head + b",".join(_partial(e.raw) for e in items) + b"]}")
         if len(items) <= _LIST_CHUNK:
             return self._json(head + b",".join(e.raw for e in items) + b"]}")
         resp = web.StreamResponse(headers={"Content-Type": JSON})
@@ -776,7 +824,12 @@ class SimAPIServer:
     # ------------------------------------------------------------------------- WATCH
 
     async def _watch(
-        self, request: web.Request, rt: ResourceType, route: _Route, field_selector: str
+        self,
+        request: web.Request,
+        rt: ResourceType,
+        route: _Route,
+        field_selector: str,
+        partial: bool = False,
     ) -> web.StreamResponse:
         q = request.query
         rv, rvm = q.get("resourceVersion", ""), q.get("resourceVersionMatch", "")
@@ -855,7 +908,7 @@ class SimAPIServer:
         try:
             await resp.prepare(request)
             init_end = (len(watcher.buffer), start_rv) if sie else None
-            await self._pump(resp, watcher, rt, bookmarks, timeout, init_end, cut)
+            await self._pump(resp, watcher, rt, bookmarks, timeout, init_end, cut, partial)
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         finally:
@@ -875,6 +928,7 @@ class SimAPIServer:
         duration: float,
         init_end: tuple[int, int] | None,
         cut: Any,
+        partial: bool = False,
     ) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + duration
@@ -884,7 +938,7 @@ class SimAPIServer:
         while True:
             while w.buffer:
                 line = w.buffer.popleft()
-                await resp.write(line)
+                await resp.write(_partial_event(line) if partial else line)
                 sent += 1
                 if cut is not None and sent >= cut.events:
                     if cut.abrupt and resp._req is not None and resp._req.transport is not None:
@@ -893,7 +947,7 @@ class SimAPIServer:
                 if initial_left > 0:
                     initial_left -= 1
             if initial_left == 0 and init_end is not None:
-                await resp.write(_bookmark(rt, init_end[1], initial_end=True))
+                await resp.write(_bookmark(rt, init_end[1], initial_end=True, partial=partial))
                 initial_left = -1
             if w.closed:
                 return
@@ -906,7 +960,7 @@ class SimAPIServer:
                     with self.store._lock:
                         rv = self.store.resource_version if not w.buffer else None
                     if rv is not None:
-                        await resp.write(_bookmark(rt, rv))
+                        await resp.write(_bookmark(rt, rv, partial=partial))
                     next_bookmark = now + self.bookmark_interval
                     continue
                 wait = min(wait, next_bookmark - now)
@@ -921,11 +975,16 @@ class SimAPIServer:
                 return
 
 
-def _bookmark(rt: ResourceType, rv: int, *, initial_end: bool = False) -> bytes:
+def _bookmark(
+    rt: ResourceType, rv: int, *, initial_end: bool = False, partial: bool = False
+) -> bytes:
     meta: dict[str, Any] = {"resourceVersion": str(rv), "creationTimestamp": None}
     if initial_end:
         meta["annotations"] = {"k8s.io/initial-events-end": "true"}
-    obj = {"kind": rt.kind, "apiVersion": rt.api_version, "metadata": meta}
+    kind, api_version = (
+        ("PartialObjectMetadata", "meta.k8s.io/v1") if partial else (rt.kind, rt.api_version)
+    )
+    obj = {"kind": kind, "apiVersion": api_version, "metadata": meta}
     return b'{"type":"BOOKMARK","object":' + dumps(obj) + b"}\n"
 
 

@@ -1,0 +1,240 @@
+"""istiod's remote-cluster informer set, opened by the real client-go (scripts/clientgo/main.go).
+
+`binary()` finds the program (CLIENTGO_INFORMERS, which scripts/test exports, else it builds and
+caches it through scripts/clientgo-informers); `run()` runs it against a kubeconfig with WatchList
+on or off and returns its JSON report: per-informer counts, which informers synced, and every
+request client-go made (client-go falls back from WatchList to LIST+WATCH silently, so only those
+tell which path was used).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+INFORMERS = (
+    "configmaps",
+    "customresourcedefinitions",
+    "endpointslices",
+    "gateways",
+    "namespaces",
+    "nodes",
+    "pods",
+    "secrets",
+    "services",
+    "workloadentries",
+)
+SECRETS_SELECTOR = "type!=helm.sh/release.v1,type!=kubernetes.io/service-account-token"
+
+
+def binary() -> Path:
+    env = os.environ.get("CLIENTGO_INFORMERS")
+    if env:
+        path = Path(env)
+    else:
+        done = subprocess.run(
+            [str(ROOT / "scripts" / "clientgo-informers")],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise AssertionError(f"scripts/clientgo-informers failed:\n{done.stderr[-4000:]}")
+        path = Path(done.stdout.strip())
+    if not os.access(path, os.X_OK):
+        raise AssertionError(f"{path} is not an executable (CLIENTGO_INFORMERS)")
+    return path
+
+
+async def run(
+    program: Path, kubeconfig: Path, *, watchlist: bool, args: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(kubeconfig.parent),
+        "KUBE_FEATURE_WatchListClient": "true" if watchlist else "false",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        str(program),
+        "-kubeconfig",
+        str(kubeconfig),
+        "-timeout",
+        "60s",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    if not out.strip():
+        raise AssertionError(
+            f"clientgo-informers printed nothing (exit {proc.returncode}):\n"
+            f"{err.decode(errors='replace')[-4000:]}"
+        )
+    report: dict[str, Any] = json.loads(out)
+    report["exit"] = proc.returncode
+    report["stderr"] = err.decode(errors="replace")[-4000:]
+    return report
+
+
+def resource_of(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def requests_for(report: dict[str, Any], resource: str) -> list[dict[str, Any]]:
+    return [r for r in report["requests"] if resource_of(r["path"]) == resource]
+
+
+def query(request: dict[str, Any]) -> dict[str, str]:
+    return {k: v[-1] for k, v in parse_qs(request["query"], keep_blank_values=True).items()}
+
+
+def is_watch(request: dict[str, Any]) -> bool:
+    return query(request).get("watch") in ("true", "1")
+
+
+def used_watch_list(report: dict[str, Any], resource: str) -> bool:
+    """The informer's first sync was a WatchList stream the server accepted, and no LIST."""
+    reqs = requests_for(report, resource)
+    streams = [
+        r
+        for r in reqs
+        if is_watch(r) and query(r).get("sendInitialEvents") == "true" and r["status"] == 200
+    ]
+    lists = [r for r in reqs if not is_watch(r)]
+    return bool(streams) and not lists
+
+
+def used_list_then_watch(report: dict[str, Any], resource: str) -> bool:
+    reqs = requests_for(report, resource)
+    kinds = ["watch" if is_watch(r) else "list" for r in reqs]
+    return (
+        kinds[:1] == ["list"]
+        and "watch" in kinds
+        and all("sendInitialEvents" not in query(r) for r in reqs)
+    )
+
+
+def _crd(group: str, version: str, plural: str, kind: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": f"{plural}.{group}",
+            # *.k8s.io groups are protected: the real Gateway API CRDs carry this approval.
+            "annotations": {
+                "api-approved.kubernetes.io": "https://github.com/kubernetes-sigs/gateway-api/pull/2466"
+            },
+        },
+        "spec": {
+            "group": group,
+            "scope": "Namespaced",
+            "names": {"plural": plural, "singular": kind.lower(), "kind": kind},
+            "versions": [
+                {
+                    "name": version,
+                    "served": True,
+                    "storage": True,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "x-kubernetes-preserve-unknown-fields": True,
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+CRDS = (
+    _crd("gateway.networking.k8s.io", "v1", "gateways", "Gateway"),
+    _crd("networking.istio.io", "v1", "workloadentries", "WorkloadEntry"),
+)
+
+
+def objects() -> list[dict[str, Any]]:
+    """A small remote cluster: something for every informer, and things the selectors drop."""
+
+    def meta(name: str, ns: str | None = "x", **extra: Any) -> dict[str, Any]:
+        m: dict[str, Any] = {"name": name, **extra}
+        if ns:
+            m["namespace"] = ns
+        return m
+
+    pod_spec = {"containers": [{"name": "c", "image": "busybox"}]}
+    return [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": meta("x", None)},
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": meta("istio-system", None)},
+        {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": meta("node-1", None, labels={"topology.kubernetes.io/zone": "z1"}),
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": meta("web"),
+            "spec": {"ports": [{"port": 80}], "selector": {"app": "web"}},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": meta("web-0", labels={"app": "web"}),
+            "spec": pod_spec,
+            "status": {"phase": "Running", "podIP": "10.0.0.7"},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": meta("web-failed", labels={"app": "web"}),
+            "spec": pod_spec,
+            "status": {"phase": "Failed"},
+        },
+        {
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": meta("web-abc", labels={"kubernetes.io/service-name": "web"}),
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.0.0.7"]}],
+            "ports": [{"port": 80}],
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": meta("cacerts"),
+            "type": "Opaque",
+            "stringData": {"ca-key.pem": "PRIVATE-KEY-MATERIAL"},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": meta("istio", "istio-system"),
+            "data": {"mesh": "trustDomain: remote.local\n"},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": meta("unrelated", "istio-system"),
+            "data": {"x": "y"},
+        },
+        {
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "Gateway",
+            "metadata": meta("eastwest", labels={"topology.istio.io/network": "n1"}),
+            "spec": {"gatewayClassName": "istio", "listeners": []},
+        },
+        {
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "WorkloadEntry",
+            "metadata": meta("vm-1"),
+            "spec": {"address": "10.0.0.9"},
+        },
+    ]
