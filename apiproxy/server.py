@@ -487,7 +487,9 @@ class ProxyServer:
         if not info.is_resource_request:
             return f'forbidden: User "{user}" cannot {info.verb} path "{info.path}"'
         resource = info.resource + (f"/{info.subresource}" if info.subresource else "")
-        subject = f'{info.resource} "{info.name}"' if info.name else info.resource
+        # kube-apiserver names the group-qualified resource (GroupResource.String()) first.
+        qualified = f"{info.resource}.{info.api_group}" if info.api_group else info.resource
+        subject = f'{qualified} "{info.name}"' if info.name else qualified
         where = f'the namespace "{info.namespace}"' if info.namespace else "the cluster scope"
         prep = "in" if info.namespace else "at"
         return (
@@ -723,7 +725,9 @@ class ProxyServer:
     ) -> web.StreamResponse:
         details: dict[str, Any] | None = None
         info = r.info
-        if code == 403 and info is not None and info.is_resource_request:
+        if code == 403 and info is not None and not info.is_resource_request:
+            details = {}  # kube-apiserver sends an empty `details` for non-resource refusals
+        elif code == 403 and info is not None:
             details = {"kind": info.resource}
             if info.name:
                 details["name"] = info.name
