@@ -256,44 +256,46 @@ async def test_asyncio_client_resumes_a_watch_from_a_resource_version(
 
 
 async def test_asyncio_client_gets_bookmarks_through_the_proxy(
-    real_proxy: RealProxy, kube: KubeCluster
+    real_proxy: RealProxy, kube: KubeCluster, tmp_path: Path
 ) -> None:
-    import aiohttp
+    from kubernetes_asyncio import client, config, watch
 
     ns = "bookmarks"
     await asyncio.to_thread(create_pods, kube, ns, ["b-0"])
     await asyncio.to_thread(kube.ensure_namespace, "bookmarks-other")
-    # The watch cache sends a bookmark 2 s before the watch's deadline, carrying the newest
-    # resourceVersion it processed, so the other namespace's pod must come after the watch opened.
-    url = f"/api/v1/namespaces/{ns}/pods?watch=1&allowWatchBookmarks=true&timeoutSeconds=3"
-    events: list[dict[str, Any]] = []
+    api = await config.new_client_from_config(
+        config_file=str(real_proxy.kubeconfig(tmp_path / "kc", peer="cluster-b"))  # a peer JWT
+    )
+    events: list[tuple[str, str, str]] = []
     other_rv = ""
-    async with (
-        aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=real_proxy.ssl_context(cert=False))
-        ) as session,
-        session.get(
-            real_proxy.url + url,
-            headers={"Authorization": f"Bearer {real_proxy.peers.token_b()}"},
-        ) as resp,
-    ):
-        assert resp.status == 200
-        async for line in resp.content:
-            events.append(json.loads(line))
-            if len(events) == 1:
-                created = await asyncio.to_thread(
-                    kube.ok,
-                    "POST",
-                    "/api/v1/namespaces/bookmarks-other/pods",
-                    pod("elsewhere"),
-                )
-                other_rv = created["metadata"]["resourceVersion"]
-    assert events[0]["type"] == "ADDED"
-    assert events[0]["object"]["metadata"]["name"] == "b-0"
-    bookmarks = [e for e in events if e["type"] == "BOOKMARK"]
+    try:
+        v1 = client.CoreV1Api(api)
+        w = watch.Watch()
+        # The watch cache sends a bookmark 2 s before the watch's deadline, carrying the newest
+        # resourceVersion it processed: the other namespace's pod comes after the watch opened.
+        async with asyncio.timeout(60):
+            async for ev in w.stream(
+                v1.list_namespaced_pod, ns, allow_watch_bookmarks=True, timeout_seconds=3
+            ):
+                meta = ev["raw_object"]["metadata"]
+                events.append((ev["type"], meta.get("name", ""), meta["resourceVersion"]))
+                if len(events) == 1:
+                    created = await asyncio.to_thread(
+                        kube.ok,
+                        "POST",
+                        "/api/v1/namespaces/bookmarks-other/pods",
+                        pod("elsewhere"),
+                    )
+                    other_rv = created["metadata"]["resourceVersion"]
+        w.stop()
+    finally:
+        await api.close()
+    assert events[0][:2] == ("ADDED", "b-0")
+    bookmarks = [e for e in events if e[0] == "BOOKMARK"]
     assert bookmarks, events
-    assert int(bookmarks[-1]["object"]["metadata"]["resourceVersion"]) >= int(other_rv)
-    assert bookmarks[-1]["object"]["kind"] == "Pod"
+    assert int(bookmarks[-1][2]) >= int(other_rv)
+    # The client keeps the bookmark's resourceVersion to resume from, as informers do.
+    assert w.resource_version == bookmarks[-1][2]
 
 
 # ---------------------------------------------------------------- representations and errors
