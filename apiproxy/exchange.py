@@ -187,7 +187,9 @@ class Recorder:
         """A `Status` answer; the exchange ends with it."""
         details: dict[str, object] | None = None
         info = ex.info
-        if code == 403 and info is not None and info.is_resource_request:
+        if code == 403 and info is not None and not info.is_resource_request:
+            details = {}  # kube-apiserver sends an empty `details` for non-resource refusals
+        elif code == 403 and info is not None:
             details = {"kind": info.resource}
             if info.name:
                 details["name"] = info.name
@@ -231,7 +233,9 @@ class Recorder:
             message = f'forbidden: User "{user}" cannot {info.verb} path "{info.path}"'
         else:
             resource = info.resource + (f"/{info.subresource}" if info.subresource else "")
-            subject = f'{info.resource} "{info.name}"' if info.name else info.resource
+            # kube-apiserver names the group-qualified resource (GroupResource.String()) first.
+            qualified = f"{info.resource}.{info.api_group}" if info.api_group else info.resource
+            subject = f'{qualified} "{info.name}"' if info.name else qualified
             where = f'the namespace "{info.namespace}"' if info.namespace else "the cluster scope"
             prep = "in" if info.namespace else "at"
             message = (

@@ -42,7 +42,7 @@ def status(
         "reason": reason or REASONS.get(code, "Unknown"),
         "code": code,
     }
-    if details:
+    if details is not None:
         body["details"] = details
     return body
 

@@ -34,7 +34,12 @@ def _session(args: argparse.Namespace) -> aiohttp.ClientSession:
         ctx = ssl.create_default_context(cafile=args.ca)
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(ssl=ctx, limit=0, force_close=False),
-        headers={"Authorization": f"Bearer {args.token}", "Accept": "application/json"},
+        headers={
+            "Authorization": f"Bearer {args.token}",
+            "Accept": "application/json",
+            # aiohttp asks for gzip by default, as client-go does; `identity` measures raw bytes
+            **({"Accept-Encoding": args.accept_encoding} if args.accept_encoding else {}),
+        },
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=60),
         auto_decompress=False,
     )
@@ -159,6 +164,7 @@ def main() -> int:
     parser.add_argument("--ca")
     parser.add_argument("--watchers", type=int, default=1)
     parser.add_argument("--path", default="/api/v1/pods")
+    parser.add_argument("--accept-encoding", help="Accept-Encoding header (default: aiohttp's)")
     args = parser.parse_args()
     fn = {"watch": watch, "idle": idle, "list": list_}[args.mode]
     try:

@@ -376,6 +376,11 @@ class Bench:
             f"--cluster-uuid={CLUSTER_UUID}",
             f"--policy={self.work / 'policy.yaml'}",
             f"--upstream={self.upstream_info['url']}",
+            *(
+                [f"--upstream-ca={self.upstream_info['ca_file']}"]
+                if "ca_file" in self.upstream_info
+                else []
+            ),
             f"--upstream-token-file={self.work / 'upstream-token'}",
             f"--audit-log={self.work / 'audit.log'}",
             "--max-watches-per-peer=100000",
@@ -408,10 +413,10 @@ class Bench:
             return
         port = free_port()
         w = self.work
-        up = self.upstream_info["url"].removeprefix("http://")
+        up = self.upstream_info["url"].removeprefix("http://").removeprefix("https://")
         conf = w / "nginx.conf"
         conf.write_text(
-            NGINX_CONF.format(
+            self.nginx_conf().format(
                 work=w,
                 port=port,
                 upstream=up,
@@ -428,6 +433,9 @@ class Bench:
         wait_http(url, self.jwt)
         workers = children(self.nginx.pid)
         self.contenders.append(Contender("nginx", url, self.jwt, workers[0] if workers else None))
+
+    def nginx_conf(self) -> str:
+        return NGINX_CONF
 
     def start(self) -> None:
         say(f"starting upstream ({self.sizes.list_pods} list pods) ...")
@@ -1019,6 +1027,7 @@ def table(res: dict[str, Any]) -> str:
         row(
             f"LIST {pods} pods ({mb:.0f} MB) MB/s", [_fmt(r.get(n), "mb_per_second") for n in names]
         )
+        row(f"LIST {pods} pods seconds", [_fmt(r.get(n), "seconds", 2) for n in names])
         row(f"LIST {pods} pods peak MiB", [_fmt(r.get(n), "peak_mib") for n in names])
     for rules, r in res.get("policy", {}).items():
         row(f"policy {rules} rules decisions/s", ["", "", _fmt(r, "decisions_per_second")])

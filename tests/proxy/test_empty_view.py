@@ -209,7 +209,9 @@ async def test_kubernetes_asyncio_watch_list_gets_the_initial_events_end_bookmar
     assert obj["metadata"]["annotations"] == {"k8s.io/initial-events-end": "true"}
     assert obj["metadata"]["resourceVersion"] == view.RESOURCE_VERSION
     (rec,) = [r for r in await records(proxy, files) if "secrets" in r["requestURI"]]
-    assert rec["annotations"]["apiproxy.io/stream-ended-by"] == "completed"  # at its own timeoutSeconds, not a cap
+    assert (
+        rec["annotations"]["apiproxy.io/stream-ended-by"] == "completed"
+    )  # at its own timeoutSeconds, not a cap
     assert rec["annotations"]["apiproxy.io/watch-events"] == "1"
     assert secrets_seen(rsim) == []
 

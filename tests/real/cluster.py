@@ -67,6 +67,17 @@ def server_version(assets: Path) -> tuple[int, int]:
     return int(major), int(minor.rstrip("+"))
 
 
+def version_flags(version: tuple[int, int]) -> list[str]:
+    """Flags only some versions know: 1.24 removed --insecure-port (the insecure port is gone),
+    1.26 removed --logtostderr (stderr is the default from then on)."""
+    flags = []
+    if version < (1, 24):
+        flags.append("--insecure-port=0")
+    if version < (1, 26):
+        flags.append("--logtostderr=true")
+    return flags
+
+
 def _free_port() -> int:
     # etcd and kube-apiserver take explicit ports; a lost race shows as a failed start and is
     # retried with fresh ports by KubeCluster.start.
@@ -309,7 +320,7 @@ class KubeCluster:
             "--bind-address=127.0.0.1",
             "--advertise-address=127.0.0.1",
             f"--secure-port={self.port}",
-            "--insecure-port=0",
+            *version_flags(server_version(self.assets)),
             f"--cert-dir={w}",
             f"--tls-cert-file={w / 'serving.crt'}",
             f"--tls-private-key-file={w / 'serving.key'}",
@@ -326,7 +337,6 @@ class KubeCluster:
             "--disable-admission-plugins=ServiceAccount",
             "--allow-privileged=false",
             "--profiling=false",
-            "--logtostderr=true",
             "--v=1",
             *self.extra_args,
         )

@@ -50,3 +50,12 @@ def test_a_dead_server_fails_loudly(kube_assets: Path) -> None:
             cluster.check_alive()
     finally:
         cluster.stop()
+
+
+def test_flags_newer_apiservers_dropped_are_left_out() -> None:
+    from tests.real.cluster import version_flags
+
+    assert version_flags((1, 20)) == ["--insecure-port=0", "--logtostderr=true"]
+    assert version_flags((1, 24)) == ["--logtostderr=true"]
+    assert version_flags((1, 26)) == []
+    assert version_flags((1, 32)) == []

@@ -421,9 +421,22 @@ async def test_federation_converges_between_two_real_clusters(
     )
     assert got.returncode == 0, got.stderr
     assert sorted(got.stdout.split()) == ["pod/eastwestgateway-1", "pod/web-1"]
+    # Secrets exist on B (remote secrets, the proxy's identity), but the shipped policy answers
+    # a peer's secrets read with the empty view: it syncs and sees none.
+    secrets = await asyncio.to_thread(
+        subprocess.run,
+        [KUBECTL, "--kubeconfig", str(kc), "get", "secrets", "-A", "-o", "name"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert secrets.returncode == 0, secrets.stderr
+    assert secrets.stdout.split() == []
+    # A write is still refused.
     refused = await asyncio.to_thread(
         subprocess.run,
-        [KUBECTL, "--kubeconfig", str(kc), "get", "secrets", "-A"],
+        [KUBECTL, "--kubeconfig", str(kc), "create", "namespace", "intruder"],
         capture_output=True,
         text=True,
         timeout=60,
