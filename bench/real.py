@@ -9,8 +9,9 @@ The pods are Istio-injected pods as `apiproxy_dev.sim.seed` writes them for the 
 benchmark, created through the API by concurrent POSTs (so they carry the server's
 managedFields, as in a real cluster); 10,000 of them are ~70 MB in etcd, far below its default
 2 GiB quota. Layout and measurements are bench.run's: `list-small`/`list-rest` for the LISTs,
-`churn` for the watches, whose events are PATCHes stamped with the send time (annotation bench.apiproxy.io/sent-ns):
-as fast as the apiserver takes them ("max") or 20 per second ("paced").
+`churn` for the watches, whose events are PATCHes stamped with the send time (annotation
+bench.apiproxy.io/sent-ns): as fast as the apiserver takes them ("max") or 20 per second
+("paced").
 LISTs run twice: uncompressed (`lists`, comparable with bench.run's simulator figures) and with
 gzip as client-go asks for it (`lists_gzip`: kube-apiserver compresses large responses, so bytes
 and MB/s there are compressed bytes on the wire; compare seconds).
