@@ -18,6 +18,7 @@ from apiproxy import pki
 from apiproxy.server import ProxyServer
 from apiproxy.sim import SimAPIServer
 from tests.proxy.conftest import ProxyFactory, World, audit_records, make_files, pod
+from tests.tools import KUBECTL
 
 
 async def proxy_for(sim: SimAPIServer, world: World, tmp: Path, make_proxy: ProxyFactory) -> Any:
@@ -66,7 +67,7 @@ def kubeconfig(world: World, proxy: ProxyServer, cert: pki.KeyPair, path: Path) 
 
 async def kubectl(kcfg: Path, *args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        "kubectl",
+        KUBECTL,
         "--kubeconfig",
         str(kcfg),
         *args,
@@ -107,7 +108,7 @@ async def test_kubectl_watch_streams_each_event_as_it_happens(
     proxy, _ = await proxy_for(sim, world, tmp_path, make_proxy)
     kcfg = kubeconfig(world, proxy, world.client_a, tmp_path / "kubeconfig")
     proc = await asyncio.create_subprocess_exec(
-        "kubectl",
+        KUBECTL,
         "--kubeconfig",
         str(kcfg),
         "get",
