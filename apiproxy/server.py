@@ -889,7 +889,7 @@ def config_from_args(ns: argparse.Namespace) -> ServeConfig:
         tls_cert=ns.tls_cert,
         tls_key=ns.tls_key,
         peers=ns.peers,
-        cluster_uuid=ns.cluster_uuid,
+        cluster_uuid=ns.cluster_uuid.lower(),  # compared canonically (uuids.key)
         policy=ns.policy,
         upstream=up,
         listen_host=host,

@@ -35,7 +35,7 @@ import aiohttp
 import yaml
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from apiproxy import tokens
+from apiproxy import tokens, uuids
 from apiproxy.federation import artifacts
 from apiproxy.federation.exporter import PeerRegistry
 from apiproxy.federation.identity import LocalIdentity, cluster_id
@@ -615,7 +615,7 @@ class Controller:
             p, entry = plans[w.name], ex.peer_entries.get(w.name)
             gateways = bool(w.spec.get("enableIngressGateway", True))
             # A peer on hold still claims what its artifacts hold, so nobody takes it over.
-            held_uuid = entry.cluster_uuid if entry is not None else None
+            held_uuid = uuids.key(entry.cluster_uuid) if entry is not None else None
             claim(UUID_CONFLICT, p.pub.cluster_uuid if p.pub else held_uuid, w.name)
             if p.pub is not None and p.priv is not None:
                 claim(ID_CONFLICT, self._peer_cluster_id(p.pub, p.priv), w.name)
@@ -630,7 +630,7 @@ class Controller:
         def holds(kind: str, value: str, name: str) -> bool:
             if kind == UUID_CONFLICT:
                 entry = ex.peer_entries.get(name)
-                return entry is not None and entry.cluster_uuid == value
+                return entry is not None and uuids.key(entry.cluster_uuid) == value
             if kind == ID_CONFLICT:
                 return value in ex.secret_ids.get(name, set())
             return ex.net_owners.get(name) == value
@@ -754,6 +754,8 @@ class Controller:
         meta = spec.get("metadata") or {}
         cache = w.status.setdefault("metadataCache", {})
         pinned = w.status.get("pinnedClusterUUID") or (cache.get("public") or {}).get("clusterUUID")
+        if isinstance(pinned, str):
+            pinned = uuids.key(pinned)  # pinned by an older version, perhaps in another case
         if not endpoint.startswith("https://"):
             w.set(PUBLIC, False, "FetchFailed", "only https:// metadata endpoints are supported")
             w.set(PRIVATE, False, "AwaitingPublic", "public metadata is not available")

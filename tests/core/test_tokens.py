@@ -125,3 +125,52 @@ def test_deckhouse_pem_labels_load():
     priv = ed25519.Ed25519PrivateKey.generate()
     pem = tokens.public_key_pem(priv).replace("PUBLIC KEY", "ED25519 PUBLIC KEY")
     assert isinstance(tokens.load_public_key(pem), ed25519.Ed25519PublicKey)
+
+
+def test_audience_and_subject_are_compared_canonically():
+    priv = ed25519.Ed25519PrivateKey.generate()
+    pub = priv.public_key()
+    sub, aud = "abcdef12-3456-4789-8abc-def012345678", "fedcba98-7654-4321-8fed-cba987654321"
+
+    def check(token: str) -> tokens.Claims:
+        return tokens.verify(
+            token,
+            audience=aud,
+            scope="api",
+            key_for_subject=lambda s: pub if s == sub else None,
+        )
+
+    for s, a in ((sub.upper(), aud), (sub, aud.upper())):
+        token = tokens.mint(priv, subject=s, audience=a, scope="api", ttl_seconds=60)
+        assert check(token).subject == sub
+    # Compared canonically, not loosely: another UUID, or a non-UUID spelling, is another audience.
+    for aud in (SUB, AUD.replace("-", ""), "{" + AUD + "}", AUD + " "):
+        token = tokens.mint(priv, subject=SUB, audience=aud, scope="api", ttl_seconds=60)
+        with pytest.raises(tokens.TokenError) as err:
+            verify(token, pub)
+        assert err.value.reason == "wrong_audience", aud
+
+
+@pytest.mark.parametrize(
+    ("aud", "ok"),
+    [
+        ([AUD], True),
+        (["x", AUD.upper()], True),
+        (["x", "y"], False),
+        ([], False),
+        (7, False),
+        ([7, None], False),
+        ({"a": AUD}, False),
+    ],
+)
+def test_audience_may_be_a_list_of_strings(aud, ok):
+    priv = ed25519.Ed25519PrivateKey.generate()
+    now = int(time.time())
+    claims = {"sub": SUB, "aud": aud, "scope": "api", "exp": now + 60}
+    token = jwt.encode(claims, priv, algorithm="EdDSA")
+    if ok:
+        assert verify(token, priv.public_key()).audience == AUD
+    else:
+        with pytest.raises(tokens.TokenError) as err:
+            verify(token, priv.public_key())
+        assert err.value.reason == "wrong_audience"

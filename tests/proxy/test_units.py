@@ -246,3 +246,34 @@ async def test_file_watcher_polls_on_its_own(tmp_path: Path) -> None:
         await asyncio.wait_for(changed.wait(), 10)
     finally:
         await w.stop()
+
+
+def test_cluster_uuids_are_compared_canonically(world: World) -> None:
+    key = tokens.public_key_pem(world.key_a)
+    own = "cccccccc-dddd-4eee-8fff-abcdefabcdef"  # letters, so case can differ
+    # Our own UUID, written in another case, is still our own.
+    with pytest.raises(PeersError, match=r"peers\[0\]\.clusterUUID: is this proxy's own"):
+        parse(peers_text(item("a", own.upper(), key=key)), "src", own_cluster_uuid=own)
+    with pytest.raises(PeersError, match=r"peers\[0\]\.clusterUUID: is this proxy's own"):
+        parse(peers_text(item("a", own, key=key)), "src", own_cluster_uuid=own.upper())
+    # AAAA… and aaaa… are one cluster: a duplicate.
+    with pytest.raises(PeersError, match=r"peers\[1\]\.clusterUUID: duplicates peers\[0\]"):
+        parse(peers_text(item("a", UUID_A.upper(), key=key), item("b", UUID_A, key=key)), "src")
+    # Other spellings uuid.UUID would take are not canonical.
+    for odd in ('"{' + UUID_A + '}"', UUID_A.replace("-", ""), "urn:uuid:" + UUID_A):
+        with pytest.raises(PeersError, match="is not in canonical UUID form"):
+            parse(peers_text(item("a", odd, key=key)), "src")
+    # An upper-case entry is kept canonical; tokens name it, and us, in any case.
+    ps = parse(peers_text(item("a", UUID_A.upper(), key=key)), "src", own_cluster_uuid=own)
+    assert ps.peers[0].cluster_uuid == UUID_A
+    assert ps.by_uuid(UUID_A.upper()) is ps.peers[0]
+    assert ps.key_for_subject(UUID_A.upper()) is not None
+    for sub, aud in ((UUID_A.upper(), own), (UUID_A, own.upper())):
+        ident = authenticate(
+            ps,
+            certificate=None,
+            authorization=f"Bearer {world.token_a(subject=sub, audience=aud)}",
+            cluster_uuid=own,
+        )
+        assert ident.peer is ps.peers[0]
+        assert ident.token_subject == UUID_A
