@@ -117,6 +117,7 @@ class ProxyServer:
         # and a valid time window (tokens.VerifyCache). Emptied on every peers reload as well.
         self.token_cache = tokens.VerifyCache()
         self.upstream = config.upstream
+        self.metrics.upstream_tls_verified.set(1 if self.upstream.verifies_tls else 0)
         self.pool = UpstreamPool(
             self.upstream.ssl_context(),
             PoolLimits(
