@@ -345,11 +345,11 @@ class ProxyServer:
                 read_timeout=5.0,
                 server_hostname=self.upstream.tls_server_name,
             )
+            async with resp:
+                await resp.read()  # a body cut short fails the probe, not the probe loop
+                return resp.status < 500
         except (aiohttp.ClientError, TimeoutError, OSError):
             return False
-        async with resp:
-            await resp.read()
-            return resp.status < 500
 
     async def probe_upstream(self) -> bool:
         """Probe the upstream now; readiness, the metric and the log follow the result."""
