@@ -174,3 +174,64 @@ def test_audience_may_be_a_list_of_strings(aud, ok):
         with pytest.raises(tokens.TokenError) as err:
             verify(token, priv.public_key())
         assert err.value.reason == "wrong_audience"
+
+
+@pytest.fixture(scope="module")
+def weak_keys():
+    """Keys of the allowed families that are still refused: P-384 (ES384 is not allowed) and
+    RSA below 2048 bits."""
+    return {
+        "p384": ec.generate_private_key(ec.SECP384R1()),
+        "rsa1024": rsa.generate_private_key(public_exponent=65537, key_size=1024),  # noqa: S505 (refused)
+    }
+
+
+@pytest.mark.parametrize("name", ["p384", "rsa1024"])
+def test_weak_or_unsupported_keys_are_refused_everywhere(weak_keys, name):
+    from cryptography.hazmat.primitives import serialization
+
+    priv = weak_keys[name]
+    pub_pem = tokens.public_key_pem(priv)
+    priv_pem = priv.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    for call in (
+        lambda: tokens.load_public_key(pub_pem),
+        lambda: tokens.load_private_key(priv_pem),
+        lambda: tokens.algorithm_for(priv),
+        lambda: tokens.mint(priv, subject=SUB, audience=AUD, scope="api", ttl_seconds=60),
+    ):
+        with pytest.raises(tokens.TokenError) as err:
+            call()
+        assert err.value.reason == "unsupported_key"
+    # A verifier handed such a key (never by a validated peers file) refuses before decoding.
+    good = ec.generate_private_key(ec.SECP256R1())
+    token = tokens.mint(good, subject=SUB, audience=AUD, scope="api", ttl_seconds=60)
+    with pytest.raises(tokens.TokenError) as err:
+        tokens.verify(token, audience=AUD, scope="api", key_for_subject=lambda s: priv.public_key())
+    assert err.value.reason == "unsupported_key"
+
+
+def test_rsa_2048_is_the_smallest_accepted():
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    assert tokens.algorithm_for(key) == "RS256"
+    assert tokens.algorithm_for(key.public_key()) == "RS256"
+
+
+def test_other_key_types_are_unsupported():
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed448
+
+    key = ed448.Ed448PrivateKey.generate()
+    pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    with pytest.raises(tokens.TokenError) as err:
+        tokens.load_public_key(pem)
+    assert err.value.reason == "unsupported_key"
+    with pytest.raises(tokens.TokenError) as err:
+        tokens.algorithm_for(key)  # type: ignore[arg-type]
+    assert err.value.reason == "unsupported_key"
+    with pytest.raises(tokens.TokenError) as err:
+        tokens.load_public_key("not a key")
+    assert err.value.reason == "bad_key"
