@@ -575,13 +575,9 @@ async def test_upgrade_with_a_body_is_refused(
 
 
 async def test_unreachable_upstream_is_503(
-    world: World, make_proxy: ProxyFactory, tmp_path: Path
+    world: World, make_proxy: ProxyFactory, tmp_path: Path, refused_port: int
 ) -> None:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = refused_port
     proxy, _ = await exec_proxy(make_proxy, world, tmp_path, f"https://127.0.0.1:{port}")
     client = await raw_upgrade(proxy, world, tmp_path)
     client.writer.close()
