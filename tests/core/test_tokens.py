@@ -235,3 +235,133 @@ def test_other_key_types_are_unsupported():
     with pytest.raises(tokens.TokenError) as err:
         tokens.load_public_key("not a key")
     assert err.value.reason == "bad_key"
+
+
+# -- to the letter: each test below kills mutants scripts/mutate found surviving -------------------
+
+
+def test_token_error_text_and_fields():
+    err = tokens.TokenError("bad_signature", "detail here")
+    assert (str(err), err.reason, err.detail) == (
+        "bad_signature: detail here",
+        "bad_signature",
+        "detail here",
+    )
+    bare = tokens.TokenError("expired")
+    assert (str(bare), bare.reason, bare.detail) == ("expired", "expired", "")
+
+
+@pytest.mark.parametrize("as_text", [True, False])
+def test_private_keys_load_from_text_or_bytes_and_deckhouse_labels(keypair, as_text):
+    from cryptography.hazmat.primitives import serialization
+
+    priv, pub = keypair
+    pem = tokens.private_key_pem(priv)
+    if isinstance(priv, ed25519.Ed25519PrivateKey):
+        pem = pem.replace("PRIVATE KEY", "ED25519 PRIVATE KEY")  # Deckhouse's label
+    loaded = tokens.load_private_key(pem if as_text else pem.encode())
+    assert tokens.public_key_pem(loaded) == tokens.public_key_pem(pub)
+    token = tokens.mint(loaded, subject=SUB, audience=AUD, scope="api", ttl_seconds=60)
+    assert verify(token, pub).subject == SUB
+    for bad in ("garbage", pem.replace("PRIVATE", "PUBLIC")):
+        with pytest.raises(tokens.TokenError) as err:
+            tokens.load_private_key(bad)
+        assert err.value.reason == "bad_key"
+    from cryptography.hazmat.primitives.asymmetric import ed448
+
+    other = ed448.Ed448PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    with pytest.raises(tokens.TokenError) as err:
+        tokens.load_private_key(other)
+    assert err.value.reason == "unsupported_key"
+
+
+def test_minted_claims():
+    priv = ed25519.Ed25519PrivateKey.generate()
+    token = tokens.mint(
+        priv, subject=SUB, audience=AUD, scope="api", ttl_seconds=60, issuer="me", now=1000
+    )
+    claims = jwt.decode(token, options={"verify_signature": False})
+    jti = claims.pop("jti")
+    assert claims == {
+        "iss": "me",
+        "sub": SUB,
+        "aud": AUD,
+        "scope": "api",
+        "iat": 1000,
+        "nbf": 1000,
+        "exp": 1060,
+    }
+    assert len(jti) == 36
+    assert tokens.mint(priv, subject=SUB, audience=AUD, scope="api", ttl_seconds=60) != token
+    assert jwt.get_unverified_header(token)["alg"] == "EdDSA"
+    assert (
+        verify(
+            tokens.mint(priv, subject=SUB, audience=AUD, scope="api", ttl_seconds=60),
+            priv.public_key(),
+        ).issuer
+        == "apiproxy"
+    )  # the default issuer
+
+
+def test_refused_algorithm_is_named():
+    priv = ed25519.Ed25519PrivateKey.generate()
+    token = jwt.encode({"sub": SUB, "aud": AUD, "exp": 2**40}, "k" * 32, algorithm="HS256")
+    with pytest.raises(tokens.TokenError) as err:
+        verify(token, priv.public_key())
+    assert (err.value.reason, err.value.detail) == ("algorithm_not_allowed", "HS256")
+
+
+def test_time_checks_at_their_exact_edges():
+    priv = ed25519.Ed25519PrivateKey.generate()
+    pub = priv.public_key()
+    token = tokens.mint(priv, subject=SUB, audience=AUD, scope="api", ttl_seconds=60, now=1000)
+    leeway = tokens.LEEWAY_SECONDS
+    # exp: valid strictly before exp + leeway.
+    assert verify(token, pub, now=1060 + leeway - 1).subject == SUB
+    for now in (1060 + leeway, 1060 + leeway + 1):
+        with pytest.raises(tokens.TokenError) as err:
+            verify(token, pub, now=now)
+        assert err.value.reason == "expired"
+    # nbf (and iat, the same instant): valid from nbf - leeway on.
+    assert verify(token, pub, now=1000 - leeway).subject == SUB
+    with pytest.raises(tokens.TokenError) as err:
+        verify(token, pub, now=1000 - leeway - 1)
+    assert err.value.reason == "not_yet_valid"
+    only_iat = jwt.encode(
+        {"sub": SUB, "aud": AUD, "scope": "api", "iat": 1000, "exp": 5000}, priv, algorithm="EdDSA"
+    )
+    assert verify(only_iat, pub, now=1000 - leeway).subject == SUB
+    with pytest.raises(tokens.TokenError) as err:
+        verify(only_iat, pub, now=1000 - leeway - 1)
+    assert err.value.reason == "issued_in_future"
+    # The leeway argument is honoured (0: no slack at all).
+    with pytest.raises(tokens.TokenError) as err:
+        verify(token, pub, now=1060, leeway=0)
+    assert err.value.reason == "expired"
+
+
+def test_verify_cache_counts_and_passes_its_leeway_on():
+    priv = ed25519.Ed25519PrivateKey.generate()
+    pub = priv.public_key()
+    cache = tokens.VerifyCache()
+    token = tokens.mint(priv, subject=SUB, audience=AUD, scope="api", ttl_seconds=60, now=1000)
+
+    def check(**kw):
+        return cache.verify(
+            token,
+            audience=AUD,
+            scope="api",
+            key_for_subject=lambda s: pub if s == SUB else None,
+            **kw,
+        )
+
+    for _ in range(3):
+        assert check(now=1010).subject == SUB
+    assert (cache.hits, cache.misses) == (2, 1)
+    # A miss with leeway 0 after exp is refused (a default leeway would still accept it).
+    with pytest.raises(tokens.TokenError) as err:
+        check(now=1061, leeway=0)
+    assert err.value.reason == "expired"
+    assert cache.misses == 2
