@@ -365,3 +365,77 @@ def test_verify_cache_counts_and_passes_its_leeway_on():
         check(now=1061, leeway=0)
     assert err.value.reason == "expired"
     assert cache.misses == 2
+
+
+def test_refusal_details(weak_keys):
+    """The detail of each refusal (logged for operators, never sent to the caller)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed448
+
+    def refusal(call):
+        with pytest.raises(tokens.TokenError) as err:
+            call()
+        return err.value.reason, err.value.detail
+
+    assert refusal(lambda: tokens.algorithm_for(weak_keys["p384"])) == (
+        "unsupported_key",
+        "EC curve secp384r1",
+    )
+    assert refusal(lambda: tokens.algorithm_for(weak_keys["rsa1024"])) == (
+        "unsupported_key",
+        "RSA key shorter than 2048 bits",
+    )
+    assert refusal(lambda: tokens.algorithm_for(object())) == ("unsupported_key", "object")
+    assert refusal(lambda: tokens.load_public_key("garbage")) == ("bad_key", "not a PEM public key")
+    ed448_pem = (
+        ed448.Ed448PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    assert refusal(lambda: tokens.load_public_key(ed448_pem)) == (
+        "unsupported_key",
+        "Ed448PublicKey",
+    )
+    priv = ed25519.Ed25519PrivateKey.generate()
+    pub = priv.public_key()
+    other = tokens.mint(priv, subject="someone", audience=AUD, scope="x", ttl_seconds=60)
+    assert refusal(lambda: verify(other, pub)) == ("unknown_subject", "someone")
+    es = tokens.mint(
+        ec.generate_private_key(ec.SECP256R1()),
+        subject=SUB,
+        audience=AUD,
+        scope="api",
+        ttl_seconds=60,
+    )
+    assert refusal(lambda: verify(es, pub)) == ("algorithm_mismatch", "ES256 token for a EdDSA key")
+    no_exp = jwt.encode({"sub": SUB, "aud": AUD, "scope": "api"}, priv, algorithm="EdDSA")
+    assert refusal(lambda: verify(no_exp, pub)) == ("missing_claim", "exp")
+    bad_exp = jwt.encode({"sub": SUB, "aud": AUD, "exp": "x"}, priv, algorithm="EdDSA")
+    assert refusal(lambda: verify(bad_exp, pub)) == ("invalid", "exp is not a number")
+    wrong = tokens.mint(priv, subject=SUB, audience=AUD, scope="other", ttl_seconds=60)
+    assert refusal(lambda: verify(wrong, pub)) == ("wrong_scope", "other")
+    no_scope = jwt.encode({"sub": SUB, "aud": AUD, "exp": 2**40}, priv, algorithm="EdDSA")
+    assert refusal(lambda: verify(no_scope, pub)) == ("wrong_scope", "None")
+
+
+def test_claims_carry_issuer_and_expiry():
+    priv = ed25519.Ed25519PrivateKey.generate()
+    token = tokens.mint(priv, subject=SUB, audience=AUD, scope="api", ttl_seconds=60, now=1000)
+    claims = verify(token, priv.public_key(), now=1000)
+    assert (claims.issuer, claims.expires_at, claims.audience) == ("apiproxy", 1060.0, AUD)
+    assert isinstance(claims.expires_at, float)
+    anonymous = jwt.encode(
+        {"sub": SUB, "aud": AUD, "scope": "api", "exp": 1060}, priv, algorithm="EdDSA"
+    )
+    assert verify(anonymous, priv.public_key(), now=1000).issuer == ""
+
+
+def test_public_key_pem_of_a_public_key():
+    priv = ed25519.Ed25519PrivateKey.generate()
+    assert tokens.public_key_pem(priv.public_key()) == tokens.public_key_pem(priv)
+
+
+def test_verify_cache_needs_room_for_one():
+    with pytest.raises(ValueError, match="max_entries must be positive"):
+        tokens.VerifyCache(max_entries=0)
+    assert tokens.VerifyCache(max_entries=1).max_entries == 1
