@@ -419,3 +419,183 @@ def test_kubeconfig_insecure_skip_tls_verify(
     path = write_kubeconfig(tmp_path, {"server": "https://h", "insecure-skip-tls-verify": False})
     assert upstream.from_kubeconfig(path).verifies_tls is True
     assert "upstream_tls_verification_disabled" not in capsys.readouterr().err
+
+
+# -- to the letter: each test below kills mutants scripts/mutate found surviving -------------------
+
+
+def test_an_unchanged_token_file_is_not_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "token"
+    path.write_text("one")
+    tok = TokenSource(path=path)
+    reads: list[Path] = []
+    real = Path.read_text
+
+    def counting(self: Path, *a: Any, **kw: Any) -> str:
+        reads.append(self)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "read_text", counting)
+    assert tok.refresh() is False
+    assert tok.refresh() is False
+    assert reads == []
+    path.write_text("two")
+    assert tok.refresh() is True
+    assert reads == [path]
+
+
+def test_a_prefix_keeps_its_last_character() -> None:
+    cfg = UpstreamConfig(url=URL("https://h/apiX/"))
+    assert str(cfg.target("/version")) == "https://h/apiX/version"
+
+
+async def test_the_client_context_offers_http11_on_a_real_handshake(
+    tmp_path: Path, ca: pki.KeyPair
+) -> None:
+    import asyncio
+
+    server_pair = pki.server_cert_for_loopback(ca)
+    (tmp_path / "s.crt").write_text(server_pair.cert_pem)
+    (tmp_path / "s.key").write_text(server_pair.key_pem)
+    sctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    sctx.load_cert_chain(tmp_path / "s.crt", tmp_path / "s.key")
+    sctx.set_alpn_protocols(["h2", "http/1.1"])
+    chosen: list[str | None] = []
+
+    async def on_conn(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        chosen.append(w.get_extra_info("ssl_object").selected_alpn_protocol())
+        w.close()
+
+    server = await asyncio.start_server(on_conn, "127.0.0.1", 0, ssl=sctx)
+    port = server.sockets[0].getsockname()[1]
+    ctx = UpstreamConfig(url=URL(f"https://127.0.0.1:{port}"), ca_pem=ca.cert_pem).ssl_context()
+    assert isinstance(ctx, ssl.SSLContext)
+    try:
+        r, w = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+        await r.read()
+        w.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert chosen == ["http/1.1"]
+
+
+def test_client_key_material_stays_in_a_private_temp_dir(
+    tmp_path: Path, client: pki.KeyPair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    modes: list[int] = []
+    real_open = os.open
+
+    def recording_open(path: Any, flags: int, mode: int = 0o777, **kw: Any) -> int:
+        if flags & os.O_CREAT:
+            modes.append(mode)
+        return real_open(path, flags, mode, **kw)
+
+    monkeypatch.setattr(upstream.os, "open", recording_open)
+    cfg = UpstreamConfig(
+        url=URL("https://h"), client_cert_pem=client.cert_pem, client_key_pem=client.key_pem
+    )
+    assert isinstance(cfg.ssl_context(), ssl.SSLContext)
+    assert modes == [0o600]
+    assert list(tmp_path.iterdir()) == []  # nothing left behind, nothing in the working dir
+    # Half a pair (only possible when built in code) is no client certificate at all.
+    half = UpstreamConfig(url=URL("https://h"), client_cert_pem=client.cert_pem)
+    assert isinstance(half.ssl_context(), ssl.SSLContext)
+
+
+def test_plain_http_upstreams_are_accepted_by_flags() -> None:
+    cfg = upstream.from_flags("http://127.0.0.1:8080", None, None)
+    assert cfg.url.scheme == "http"
+    assert cfg.verifies_tls is False
+
+
+def test_in_cluster_errors_to_the_letter(tmp_path: Path, ca: pki.KeyPair) -> None:
+    d = sa_dir(tmp_path, ca)
+    with pytest.raises(UpstreamError) as e:
+        upstream.in_cluster({}, sa_dir=d)
+    assert str(e.value) == (
+        "no upstream: give --upstream or --kubeconfig, or run in a pod "
+        "(KUBERNETES_SERVICE_HOST/PORT unset)"
+    )
+    with pytest.raises(UpstreamError) as e:
+        upstream.in_cluster(
+            {"KUBERNETES_SERVICE_HOST": "h", "KUBERNETES_SERVICE_PORT": "x"}, sa_dir=d
+        )
+    assert str(e.value) == "in-cluster: 'https://h:x' is not a URL"
+
+
+def test_kubeconfig_errors_to_the_letter(tmp_path: Path) -> None:
+    path = write_kubeconfig(tmp_path, {"server": "https://h"}, {"token": "t"})
+
+    def error(context: str | None = None) -> str:
+        with pytest.raises(UpstreamError) as e:
+            upstream.from_kubeconfig(path, context=context)
+        return str(e.value)
+
+    assert error("nope") == f"{path}: no context named 'nope'"
+    doc = yaml.safe_load(path.read_text())
+    doc["contexts"][0]["context"]["cluster"] = "gone"
+    path.write_text(yaml.safe_dump(doc))
+    assert error() == f"{path}: no cluster named 'gone'"
+    doc["contexts"][0]["context"] = {"cluster": "k", "user": "gone"}
+    path.write_text(yaml.safe_dump(doc))
+    assert error() == f"{path}: no user named 'gone'"
+    for cluster, user, message in [
+        (
+            {"server": "https://h", "certificate-authority": "ca.crt"},
+            {},
+            f"{tmp_path / 'ca.crt'}: cannot read certificate-authority (FileNotFoundError)",
+        ),
+        (
+            {"server": "https://h"},
+            {"client-certificate": "c.crt", "client-key": "c.key"},
+            f"{tmp_path / 'c.crt'}: cannot read client-certificate (FileNotFoundError)",
+        ),
+        (
+            {"server": "https://h"},
+            {"client-certificate-data": "%%", "client-key-data": "%%"},
+            f"{path}: client-certificate-data: not valid base64 PEM",
+        ),
+        (
+            {"server": "https://h"},
+            {"client-certificate-data": b64("c"), "client-key-data": "%%"},
+            f"{path}: client-key-data: not valid base64 PEM",
+        ),
+    ]:
+        path = write_kubeconfig(tmp_path, cluster, user)
+        assert error() == message
+    (tmp_path / "c.crt").write_text("c")
+    path = write_kubeconfig(
+        tmp_path, {"server": "https://h"}, {"client-certificate": "c.crt", "client-key": "k"}
+    )
+    assert error() == f"{tmp_path / 'k'}: cannot read client-key (FileNotFoundError)"
+
+
+def test_kubeconfig_without_client_certificate_has_none(tmp_path: Path) -> None:
+    cfg = upstream.from_kubeconfig(write_kubeconfig(tmp_path, {"server": "https://h"}))
+    assert cfg.client_cert_pem is None
+    assert cfg.client_key_pem is None
+    assert cfg.token is None
+
+
+def test_insecure_warning_names_the_source_and_server(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    path = write_kubeconfig(
+        tmp_path, {"server": "https://h:6443", "insecure-skip-tls-verify": True}
+    )
+    upstream.from_kubeconfig(path)
+    (rec,) = [
+        json.loads(line)
+        for line in capsys.readouterr().err.splitlines()
+        if "upstream_tls_verification_disabled" in line
+    ]
+    assert rec["event"] == "upstream_tls_verification_disabled"
+    assert rec["source"] == f"kubeconfig {path} context c"
+    assert rec["server"] == "https://h:6443"
+    assert rec["level"] == "warning"
