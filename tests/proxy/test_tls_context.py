@@ -55,6 +55,9 @@ def test_unusable_certificate_or_key_is_one_clear_error(
     with pytest.raises(tls.TLSConfigError) as info:
         tls.build_context(cert, tmp_path / "missing.key", "")
     assert str(info.value) == f"{tmp_path / 'missing.key'}: no such file"
+    with pytest.raises(tls.TLSConfigError) as info:
+        tls.build_context(tmp_path / "a.crt", tmp_path / "a.key", "")
+    assert str(info.value) == f"{tmp_path / 'a.crt'}, {tmp_path / 'a.key'}: no such file"
 
 
 async def handshake(
