@@ -42,3 +42,9 @@ def test_upgrade_request_headers_are_spelled_as_on_the_wire() -> None:
         ("Upgrade", "SPDY/3.1"),
         ("Connection", "Upgrade"),
     ]
+
+
+def test_an_upgrade_named_only_in_connection_gets_an_empty_upgrade_value() -> None:
+    out = upgrade_request_headers({"Connection": "upgrade"})
+    assert out["Upgrade"] == ""
+    assert out["Connection"] == "Upgrade"
