@@ -195,7 +195,13 @@ def test_peer_registry_names_and_replacement():
     reg.set("b", "bbbbbbbb-bbbb-4bbb-8bbb-bbbbbbbbbbbb", key)
     reg.set("bad", "cccccccc-cccc-4ccc-8ccc-cccccccccccc", "not a key")  # ignored
     assert reg.names() == ["b"]
-    reg.replace_all({"x": ("dddddddd-dddd-4ddd-8ddd-dddddddddddd", key), "y": ("e", "not a key")})
+    reg.replace_all(
+        {
+            "w": ("e", "not a key"),  # skipped, and the rest still taken
+            "x": ("dddddddd-dddd-4ddd-8ddd-dddddddddddd", key),
+            "y": ("e", "not a key"),
+        }
+    )
     assert reg.names() == ["x"]
     assert reg.key_for("bbbbbbbb-bbbb-4bbb-8bbb-bbbbbbbbbbbb") is None
     reg.remove("x")
