@@ -439,3 +439,34 @@ def test_verify_cache_needs_room_for_one():
     with pytest.raises(ValueError, match="max_entries must be positive"):
         tokens.VerifyCache(max_entries=0)
     assert tokens.VerifyCache(max_entries=1).max_entries == 1
+
+
+def test_private_key_refusal_details_and_cache_defaults():
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed448
+
+    with pytest.raises(tokens.TokenError) as err:
+        tokens.load_private_key("garbage")
+    assert (err.value.reason, err.value.detail) == ("bad_key", "not an unencrypted PEM private key")
+    pem = ed448.Ed448PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    with pytest.raises(tokens.TokenError) as err:
+        tokens.load_private_key(pem)
+    assert (err.value.reason, err.value.detail) == ("unsupported_key", "Ed448PrivateKey")
+    assert tokens.VerifyCache().max_entries == 1024
+    with pytest.raises(ValueError) as info:
+        tokens.VerifyCache(max_entries=-1)
+    assert str(info.value) == "max_entries must be positive"
+
+
+def test_a_non_numeric_nbf_is_invalid_not_a_crash():
+    priv = ed25519.Ed25519PrivateKey.generate()
+    token = jwt.encode(
+        {"sub": SUB, "aud": AUD, "scope": "api", "exp": 2**40, "nbf": "soon"},
+        priv,
+        algorithm="EdDSA",
+    )
+    with pytest.raises(tokens.TokenError) as err:
+        verify(token, priv.public_key())
+    assert (err.value.reason, err.value.detail) == ("invalid", "nbf is not a number")
