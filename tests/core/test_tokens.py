@@ -455,7 +455,7 @@ def test_private_key_refusal_details_and_cache_defaults():
         tokens.load_private_key(pem)
     assert (err.value.reason, err.value.detail) == ("unsupported_key", "Ed448PrivateKey")
     assert tokens.VerifyCache().max_entries == 1024
-    with pytest.raises(ValueError, match="^max_entries must be positive$") as info:
+    with pytest.raises(ValueError, match=r"^max_entries must be positive$") as info:
         tokens.VerifyCache(max_entries=-1)
     assert str(info.value) == "max_entries must be positive"
 
