@@ -181,6 +181,12 @@ class Metrics:
             "Configured limit of concurrent watches per peer (--max-watches-per-peer).",
             registry=r,
         )
+        self.upstream_tls_verified = Gauge(
+            "apiproxy_upstream_tls_verified",
+            "1 when the upstream's certificate and host name are verified; 0 when the upstream is"
+            " plain http or insecure-skip-tls-verify is set (the token goes to whoever answers).",
+            registry=r,
+        )
 
     def child(self, metric: _M, *values: str) -> _M:
         """`metric.labels(*values)`, memoised: the hot path skips prometheus_client's label

@@ -3,7 +3,7 @@
 ```yaml
 peers:
   - name: cluster-b                      # DNS-1123 name; the audit username is `peer:cluster-b`
-    clusterUUID: 5f0c...                 # the peer's cluster UUID: `sub` of its JWTs
+    clusterUUID: 5f0c...                 # the peer's cluster UUID: `sub` of its JWTs (any case)
     clientCA: |                          # PEM bundle: anchors for the peer's client certificates
       -----BEGIN CERTIFICATE-----
     jwtPublicKey: |                      # PEM public key (Ed25519, P-256 or RSA >= 2048)
@@ -29,7 +29,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 
-from apiproxy import tokens
+from apiproxy import tokens, uuids
 from apiproxy.audit.events import peer_username
 from apiproxy.errors import UserError
 
@@ -94,10 +94,10 @@ class PeerSet:
         return next((p for p in self.peers if p.name == name), None)
 
     def by_uuid(self, cluster_uuid: str) -> Peer | None:
-        return self._by_uuid.get(cluster_uuid)
+        return self._by_uuid.get(uuids.key(cluster_uuid))
 
     def key_for_subject(self, subject: str) -> tokens.PublicKey | None:
-        peer = self._by_uuid.get(subject)
+        peer = self.by_uuid(subject)
         return peer.jwt_key if peer else None
 
     def client_ca_pem(self) -> str:
@@ -185,19 +185,23 @@ def parse(text: str, source: str = "<string>", *, own_cluster_uuid: str | None =
         cu = item.get("clusterUUID")
         if not isinstance(cu, str):
             raise _err(source, f"{where}.clusterUUID", "required, a UUID string")
-        try:
-            canonical = str(uuid.UUID(cu))
-        except ValueError:
-            raise _err(source, f"{where}.clusterUUID", f"{cu!r} is not a UUID") from None
-        if canonical != cu.lower():
+        canonical = uuids.canonical(cu)
+        if canonical is None:
+            try:
+                uuid.UUID(cu)
+            except ValueError:
+                raise _err(source, f"{where}.clusterUUID", f"{cu!r} is not a UUID") from None
             raise _err(source, f"{where}.clusterUUID", f"{cu!r} is not in canonical UUID form")
-        if cu in seen_uuids:
+        # Compared (and kept) in canonical form: `AAAA…` and `aaaa…` are one cluster.
+        if canonical in seen_uuids:
             raise _err(
-                source, f"{where}.clusterUUID", f"duplicates peers[{seen_uuids[cu]}].clusterUUID"
+                source,
+                f"{where}.clusterUUID",
+                f"duplicates peers[{seen_uuids[canonical]}].clusterUUID",
             )
-        if own_cluster_uuid is not None and cu == own_cluster_uuid:
+        if own_cluster_uuid is not None and canonical == uuids.key(own_cluster_uuid):
             raise _err(source, f"{where}.clusterUUID", "is this proxy's own --cluster-uuid")
-        seen_uuids[cu] = i
+        seen_uuids[canonical] = i
         ca_value = item.get("clientCA")
         key_value = item.get("jwtPublicKey")
         if not ca_value and not key_value:
@@ -222,7 +226,7 @@ def parse(text: str, source: str = "<string>", *, own_cluster_uuid: str | None =
                     f"{where}.jwtPublicKey",
                     f"{exc.reason}: Ed25519, P-256 or RSA (>= 2048 bits) PEM public key required",
                 ) from None
-        peers.append(Peer(name=name, cluster_uuid=cu, client_ca=client_ca, jwt_key=jwt_key))
+        peers.append(Peer(name=name, cluster_uuid=canonical, client_ca=client_ca, jwt_key=jwt_key))
     fingerprints: dict[bytes, str] = {}
     for p in peers:
         for cert in p.client_ca:

@@ -13,7 +13,6 @@ import contextlib
 import signal
 import socket
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +20,18 @@ from typing import Any
 from aiohttp import ClientError, web
 from multidict import CIMultiDict
 
-from apiproxy import __version__, flags, forward, log, memory, tokens, upgrade, upstream, view
+from apiproxy import (
+    __version__,
+    flags,
+    forward,
+    log,
+    memory,
+    tokens,
+    upgrade,
+    upstream,
+    uuids,
+    view,
+)
 from apiproxy import admission as admission_mod
 from apiproxy import peers as peers_mod
 from apiproxy.audit import AuditWriter
@@ -98,6 +108,7 @@ class ProxyServer:
         # and a valid time window (tokens.VerifyCache). Emptied on every peers reload as well.
         self.token_cache = tokens.VerifyCache()
         self.upstream = config.upstream
+        self.metrics.upstream_tls_verified.set(1 if self.upstream.verifies_tls else 0)
         self.pool = UpstreamPool(
             self.upstream.ssl_context(),
             PoolLimits(
@@ -340,11 +351,11 @@ class ProxyServer:
                 read_timeout=5.0,
                 server_hostname=self.upstream.tls_server_name,
             )
+            async with resp:
+                await resp.read()  # a body cut short fails the probe, not the probe loop
+                return resp.status < 500
         except (ClientError, TimeoutError, OSError):
             return False
-        async with resp:
-            await resp.read()
-            return resp.status < 500
 
     async def probe_upstream(self) -> bool:
         """Probe the upstream now; readiness, the metric and the log follow the result."""
@@ -615,12 +626,10 @@ def build_parser(prog: str) -> flags.Parser:
 
 
 def _canonical_uuid(value: str, flag: str) -> str:
-    try:
-        if str(uuid.UUID(value)) != value.lower():
-            raise ValueError
-    except ValueError:
-        raise UserError(f"{flag}: {value!r} is not a canonical UUID") from None
-    return value
+    canonical = uuids.canonical(value)  # compared in one form everywhere (apiproxy/uuids.py)
+    if canonical is None:
+        raise UserError(f"{flag}: {value!r} is not a canonical UUID")
+    return canonical
 
 
 def config_from_args(ns: argparse.Namespace) -> ServeConfig:

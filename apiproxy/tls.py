@@ -34,8 +34,10 @@ def build_context(
     ctx.options |= ssl.OP_NO_RENEGOTIATION
     try:
         ctx.load_cert_chain(str(cert_file), str(key_file))
-    except FileNotFoundError as exc:
-        raise TLSConfigError(f"{exc.filename}: no such file") from None
+    except FileNotFoundError:
+        # ssl's error does not say which file (its filename is None): find it ourselves.
+        missing = [str(f) for f in (cert_file, key_file) if not Path(f).exists()]
+        raise TLSConfigError(f"{', '.join(missing) or cert_file}: no such file") from None
     except (ssl.SSLError, OSError, ValueError) as exc:
         raise TLSConfigError(
             f"{cert_file}, {key_file}: not a PEM certificate chain and matching private key"

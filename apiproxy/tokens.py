@@ -19,6 +19,8 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from apiproxy import uuids
+
 ISSUER = "apiproxy"
 LEEWAY_SECONDS = 30
 ALLOWED_ALGORITHMS = ("EdDSA", "ES256", "RS256")
@@ -155,6 +157,7 @@ def verify(
     subject = unverified.get("sub")
     if not isinstance(subject, str) or not subject:
         raise TokenError("missing_subject")
+    subject = uuids.key(subject)  # a cluster UUID, whatever its case, names one peer
     key = key_for_subject(subject)
     if key is None:
         raise TokenError("unknown_subject", subject)
@@ -162,26 +165,27 @@ def verify(
         raise TokenError("algorithm_mismatch", f"{alg} token for a {algorithm_for(key)} key")
     try:
         # Time claims are checked below against `now`, so clock skew is testable and explicit.
+        # So is the audience, below: a cluster UUID is compared in canonical form.
         claims = jwt.decode(
             token,
             key,
             algorithms=[alg],
-            audience=audience,
             options={
                 "require": ["exp", "sub", "aud"],
+                "verify_aud": False,
                 "verify_exp": False,
                 "verify_nbf": False,
                 "verify_iat": False,
             },
         )
-    except jwt.InvalidAudienceError as exc:
-        raise TokenError("wrong_audience") from exc
     except jwt.InvalidSignatureError as exc:
         raise TokenError("bad_signature") from exc
     except jwt.MissingRequiredClaimError as exc:
         raise TokenError("missing_claim", exc.claim) from exc
     except jwt.PyJWTError as exc:
         raise TokenError("invalid", type(exc).__name__) from exc
+    if not _audience_matches(claims["aud"], audience):
+        raise TokenError("wrong_audience")
     current = time.time() if now is None else now
     for claim in ("exp", "nbf", "iat"):
         if claim in claims and not isinstance(claims[claim], int | float):
@@ -197,6 +201,13 @@ def verify(
         expires_at=float(claims["exp"]),
         raw=claims,
     )
+
+
+def _audience_matches(aud: Any, audience: str) -> bool:
+    """RFC 7519 `aud`: one string or a list of strings, one of which must be `audience`."""
+    values = aud if isinstance(aud, list) else [aud]
+    want = uuids.key(audience)
+    return any(isinstance(v, str) and uuids.key(v) == want for v in values)
 
 
 def _check_times(raw: Mapping[str, Any], current: float, leeway: float) -> None:

@@ -25,6 +25,9 @@ import yaml
 from yarl import URL
 
 from apiproxy.errors import UserError
+from apiproxy.log import get_logger
+
+_log = get_logger("apiproxy.upstream")
 
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
@@ -98,6 +101,11 @@ class UpstreamConfig:
         token = self.token.get() if self.token is not None else None
         if token:
             headers["Authorization"] = f"Bearer {token}"
+
+    @property
+    def verifies_tls(self) -> bool:
+        """Whether the upstream's certificate and host name are checked before the token is sent."""
+        return self.url.scheme == "https" and not self.insecure_skip_verify
 
     def ssl_context(self) -> ssl.SSLContext | bool:
         if self.url.scheme == "http":
@@ -256,10 +264,19 @@ def from_kubeconfig(path: str | Path, context: str | None = None) -> UpstreamCon
         key_pem = _read(rel(str(user["client-key"])), "client-key")
     if bool(cert_pem) != bool(key_pem):
         raise UpstreamError(f"{path}: client certificate and key must be given together")
+    # Honoured as kubectl does (a development cluster may have nothing else), but loudly: the
+    # proxy's token then goes to whoever answers. Only a real YAML boolean counts ("false" is not).
+    insecure = cluster.get("insecure-skip-tls-verify", False)
+    if not isinstance(insecure, bool):
+        raise UpstreamError(f"{path}: insecure-skip-tls-verify must be true or false")
+    if insecure and ca is not None:
+        raise UpstreamError(
+            f"{path}: certificate-authority and insecure-skip-tls-verify are mutually exclusive"
+        )
     cfg = UpstreamConfig(
         url=_check_url(server, f"{path}: server"),
         ca_pem=ca,
-        insecure_skip_verify=bool(cluster.get("insecure-skip-tls-verify", False)),
+        insecure_skip_verify=insecure,
         tls_server_name=cluster.get("tls-server-name"),
         token=token,
         client_cert_pem=cert_pem,
@@ -267,4 +284,6 @@ def from_kubeconfig(path: str | Path, context: str | None = None) -> UpstreamCon
         source=f"kubeconfig {path} context {ctx_name}",
     )
     cfg.ssl_context()  # fail now, not on the first request
+    if insecure:
+        _log.warning("upstream_tls_verification_disabled", source=cfg.source, server=server)
     return cfg

@@ -35,7 +35,7 @@ import aiohttp
 import yaml
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from apiproxy import tokens
+from apiproxy import tokens, uuids
 from apiproxy.federation import artifacts, mesh, planning
 from apiproxy.federation.exporter import PeerRegistry
 from apiproxy.federation.identity import LocalIdentity
@@ -640,6 +640,8 @@ class Controller:
         meta = spec.get("metadata") or {}
         cache = w.status.setdefault("metadataCache", {})
         pinned = w.status.get("pinnedClusterUUID") or (cache.get("public") or {}).get("clusterUUID")
+        if isinstance(pinned, str):
+            pinned = uuids.key(pinned)  # pinned by an older version, perhaps in another case
         if not endpoint.startswith("https://"):
             w.set(PUBLIC, False, "FetchFailed", "only https:// metadata endpoints are supported")
             w.set(PRIVATE, False, "AwaitingPublic", "public metadata is not available")

@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from apiproxy import tokens
+from apiproxy import tokens, uuids
 from apiproxy.federation.gateways import GatewaySource
 from apiproxy.federation.identity import LocalIdentity, RootCASource
 from apiproxy.federation.kube import KubeError
@@ -46,7 +46,7 @@ class PeerRegistry:
         except tokens.TokenError:
             return
         with self._lock:
-            self._by_name[name] = KnownPeer(name, cluster_uuid, key)
+            self._by_name[name] = KnownPeer(name, uuids.key(cluster_uuid), key)
 
     def remove(self, name: str) -> None:
         with self._lock:
@@ -56,16 +56,19 @@ class PeerRegistry:
         fresh: dict[str, KnownPeer] = {}
         for name, (cluster_uuid, key_pem) in peers.items():
             try:
-                fresh[name] = KnownPeer(name, cluster_uuid, tokens.load_public_key(key_pem))
+                fresh[name] = KnownPeer(
+                    name, uuids.key(cluster_uuid), tokens.load_public_key(key_pem)
+                )
             except tokens.TokenError:
                 continue
         with self._lock:
             self._by_name = fresh
 
     def key_for(self, cluster_uuid: str) -> tokens.PublicKey | None:
+        wanted = uuids.key(cluster_uuid)
         with self._lock:
             for peer in self._by_name.values():
-                if peer.cluster_uuid == cluster_uuid:
+                if peer.cluster_uuid == wanted:
                     return peer.key
         return None
 

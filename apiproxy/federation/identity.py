@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from apiproxy import pki, tokens
+from apiproxy import pki, tokens, uuids
 from apiproxy.errors import UserError
 from apiproxy.federation.kube import Kube, KubeError, Obj, configmap_path, secret_path
 
@@ -75,8 +75,8 @@ class LocalIdentity:
 
 async def read_cluster_uuid(kube: Kube) -> str:
     ns = await kube.get("/api/v1/namespaces/kube-system")
-    uid = (ns or {}).get("metadata", {}).get("uid")
-    if not isinstance(uid, str) or not uid:
+    uid = uuids.canonical((ns or {}).get("metadata", {}).get("uid"))
+    if uid is None:
         raise UserError("cannot read the kube-system namespace uid (the cluster UUID)")
     return uid
 

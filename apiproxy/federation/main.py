@@ -227,6 +227,7 @@ class Federation:
             cluster_id=self.identity.cluster_id,
             network=self.identity.network,
             exporter_port=self.exporter_port,
+            metrics_port=self.metrics_port,  # the real ports, also when asked for port 0
         )
 
     async def stop(self) -> None:

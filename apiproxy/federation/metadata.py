@@ -12,7 +12,6 @@ import ipaddress
 import json
 import re
 import ssl
-import uuid as uuidlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +19,7 @@ import aiohttp
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from apiproxy import pki, tokens
+from apiproxy import pki, tokens, uuids
 
 PRIVATE_SCOPE = "private-multicluster"
 MAX_DOCUMENT_BYTES = 1 << 20
@@ -129,11 +128,9 @@ def parse_public(doc: Any) -> PublicMetadata:
     reason = "InvalidPublicMetadata"
     if not isinstance(doc, dict):
         raise MetadataError(reason, "public metadata is not a JSON object")
-    uuid = _require_str(doc, "clusterUUID", reason)
-    try:
-        uuidlib.UUID(uuid)
-    except ValueError:
-        raise MetadataError(reason, "clusterUUID is not a UUID") from None
+    uuid = uuids.canonical(_require_str(doc, "clusterUUID", reason))
+    if uuid is None:
+        raise MetadataError(reason, "clusterUUID is not a UUID")
     key_pem = _require_str(doc, "authnKeyPub", reason)
     try:
         tokens.load_public_key(key_pem)
@@ -178,7 +175,7 @@ def parse_private(doc: Any, *, require_gateways: bool) -> PrivateMetadata:
         network_name=network,
         api_host=api_host,
         ingress_gateways=tuple(sorted(gateways, key=lambda g: (g.address, g.port))),
-        cluster_uuid=cuuid if isinstance(cuuid, str) else "",
+        cluster_uuid=uuids.key(cuuid) if isinstance(cuuid, str) else "",
         cluster_id=cid if isinstance(cid, str) else "",
     )
 

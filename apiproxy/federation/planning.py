@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from apiproxy import uuids
 from apiproxy.federation import artifacts
 from apiproxy.federation.identity import cluster_id
 from apiproxy.federation.metadata import PrivateMetadata, PublicMetadata
@@ -115,7 +116,7 @@ def plan(
     for peer in peers:
         p, entry = plans[peer.name], ex.peer_entries.get(peer.name)
         # A peer on hold still claims what its artifacts hold, so nobody takes it over.
-        held_uuid = entry.cluster_uuid if entry is not None else None
+        held_uuid = uuids.key(entry.cluster_uuid) if entry is not None else None
         claim(UUID_CONFLICT, p.pub.cluster_uuid if p.pub else held_uuid, peer.name)
         if p.pub is not None and p.priv is not None:
             claim(ID_CONFLICT, peer_cluster_id(p.pub, p.priv, local.cluster_domain), peer.name)
@@ -130,7 +131,7 @@ def plan(
     def holds(kind: str, value: str, name: str) -> bool:
         if kind == UUID_CONFLICT:
             entry = ex.peer_entries.get(name)
-            return entry is not None and entry.cluster_uuid == value
+            return entry is not None and uuids.key(entry.cluster_uuid) == value
         if kind == ID_CONFLICT:
             return value in ex.secret_ids.get(name, set())
         return ex.net_owners.get(name) == value

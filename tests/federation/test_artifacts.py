@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from apiproxy import peers, pki, tokens
 from apiproxy.federation import artifacts, identity, metadata
+from apiproxy.federation.exporter import PeerRegistry
 from apiproxy.federation.metadata import Gateway, MetadataError
 
 UUID_A = "9a1b2c3d-4e5f-4a6b-8c7d-0e1f2a3b4c5d"
@@ -227,6 +228,36 @@ def test_public_document_validation(key):
         with pytest.raises(MetadataError) as err:
             metadata.parse_public(bad)
         assert err.value.reason == "InvalidPublicMetadata"
+
+
+def test_cluster_uuids_in_metadata_are_canonical(key):
+    root = pki.make_ca("root").cert_pem
+    mixed = "ABCDEF12-3456-4789-8abc-DEF012345678"
+    doc = metadata.parse_public({**_public(key, root), "clusterUUID": mixed})
+    assert doc.cluster_uuid == mixed.lower()
+    # Spellings that uuid.UUID accepts but that are not a cluster UUID.
+    for odd in ("{" + UUID_B + "}", UUID_B.replace("-", ""), "urn:uuid:" + UUID_B):
+        with pytest.raises(MetadataError) as err:
+            metadata.parse_public({**_public(key, root), "clusterUUID": odd})
+        assert err.value.message == "clusterUUID is not a UUID"
+    private = {
+        "networkName": "n",
+        "apiHost": "proxy.example.com:4443",
+        "ingressGateways": [],
+        "clusterUUID": mixed,
+    }
+    assert metadata.parse_private(private, require_gateways=False).cluster_uuid == mixed.lower()
+
+
+def test_exporter_registry_finds_a_peer_by_uuid_in_any_case(key):
+    registry = PeerRegistry()
+    mixed = "ABCDEF12-3456-4789-8abc-DEF012345678"
+    registry.set("p", mixed, tokens.public_key_pem(key))
+    assert registry.key_for(mixed.lower()) is not None
+    assert registry.key_for(mixed.upper()) is not None
+    registry.replace_all({"q": (mixed.lower(), tokens.public_key_pem(key))})
+    assert registry.key_for(mixed) is not None
+    assert registry.key_for(UUID_B) is None
 
 
 def test_private_document_validation():

@@ -137,3 +137,73 @@ async def test_private_document_requires_a_known_peers_token(exporter, test_ca):
     assert doc["networkName"] == f"network-{fed.identity.cluster_id}"
     assert doc["apiHost"] == "api.a.example:4443"
     assert doc["ingressGateways"] == [{"address": "192.0.2.1", "port": 15443}]
+
+
+async def _private_header(fed, test_ca, header: str) -> tuple[int, str]:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(
+            f"https://127.0.0.1:{fed.exporter_port}{PRIVATE}",
+            headers={"Authorization": header},
+            ssl=_client_ssl(test_ca),
+        ) as r,
+    ):
+        return r.status, await r.text()
+
+
+async def test_private_document_authorization_header_and_logs(exporter, test_ca, capsys):
+    """The exporter's JWT check to the letter (kills mutants scripts/mutate found surviving)."""
+    a, fed = exporter
+    peer_key = ed25519.Ed25519PrivateKey.generate()
+    peer_uuid = "abcdef12-3456-4789-8abc-def012345678"
+    await fed.controller.wait_for_pass(0)
+    fed.registry.set("peer", peer_uuid.upper(), tokens.public_key_pem(peer_key))
+    assert fed.registry.names() == ["peer"]
+    token = tokens.mint(
+        peer_key, subject=peer_uuid, audience=a.uuid, scope="private-multicluster", ttl_seconds=60
+    )
+    missing = (401, "Authentication error: missing bearer token")
+    assert await _private_header(fed, test_ca, f"Basic {token}") == missing
+    assert await _private_header(fed, test_ca, "Bearer ") == missing
+    assert await _private_header(fed, test_ca, "Bearer a b") == (
+        401,
+        "Authentication error: malformed",
+    )
+    capsys.readouterr()
+    assert (await _private_header(fed, test_ca, f"bearer {token}"))[0] == 200
+    forged = tokens.mint(
+        ed25519.Ed25519PrivateKey.generate(),
+        subject=peer_uuid,
+        audience=a.uuid,
+        scope="private-multicluster",
+        ttl_seconds=60,
+    )
+    assert (await _private_header(fed, test_ca, f"Bearer {forged}"))[0] == 401
+    logs = [json.loads(x) for x in capsys.readouterr().err.splitlines() if x.startswith("{")]
+    served = [r for r in logs if r.get("event") == "private metadata served"]
+    assert [r["subject"] for r in served] == [peer_uuid]
+    refused = [r for r in logs if r.get("event") == "private metadata refused"]
+    assert [(r["reason"], r["peer"]) for r in refused] == [("bad_signature", "127.0.0.1")]
+    assert token not in str(logs)
+
+
+def test_peer_registry_names_and_replacement():
+    from apiproxy.federation.exporter import PeerRegistry
+
+    key = tokens.public_key_pem(ed25519.Ed25519PrivateKey.generate())
+    reg = PeerRegistry()
+    reg.set("b", "bbbbbbbb-bbbb-4bbb-8bbb-bbbbbbbbbbbb", key)
+    reg.set("bad", "cccccccc-cccc-4ccc-8ccc-cccccccccccc", "not a key")  # ignored
+    assert reg.names() == ["b"]
+    reg.replace_all(
+        {
+            "w": ("e", "not a key"),  # skipped, and the rest still taken
+            "x": ("dddddddd-dddd-4ddd-8ddd-dddddddddddd", key),
+            "y": ("e", "not a key"),
+        }
+    )
+    assert reg.names() == ["x"]
+    assert reg.key_for("bbbbbbbb-bbbb-4bbb-8bbb-bbbbbbbbbbbb") is None
+    reg.remove("x")
+    reg.remove("x")
+    assert reg.names() == []

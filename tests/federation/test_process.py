@@ -8,7 +8,6 @@ import base64
 import json
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 
@@ -20,10 +19,15 @@ from tests.federation.conftest import eventually
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _started_ports(stderr: Path) -> tuple[int, int] | None:
+    """The exporter and metrics ports from the process's `federation started` log line (it is
+    asked for port 0: the kernel picks a free port, nothing can take it between pick and bind)."""
+    for line in stderr.read_text().splitlines():
+        if line.startswith("{"):
+            rec = json.loads(line)
+            if rec.get("event") == "federation started":
+                return int(rec["exporter_port"]), int(rec["metrics_port"])
+    return None
 
 
 async def _get(url: str) -> tuple[int, str]:
@@ -74,7 +78,6 @@ async def _status_is(url: str, want: int) -> bool:
 async def test_cli_process_serves_readyz_and_exits_cleanly_on_sigterm(clusters, tmp_path):
     a = await clusters("a")
     kubeconfig = a.sim.write_kubeconfig(tmp_path / "kubeconfig")
-    exporter_port, metrics_port = _free_port(), _free_port()
     stderr_path = tmp_path / "stderr"
     env = {k: v for k, v in os.environ.items() if not k.startswith("APIPROXY_")}
     env["PYTHONPATH"] = str(REPO)
@@ -91,9 +94,9 @@ async def test_cli_process_serves_readyz_and_exits_cleanly_on_sigterm(clusters, 
             "--api-host",
             "api.a.example:4443",
             "--exporter-listen",
-            f"127.0.0.1:{exporter_port}",
+            "127.0.0.1:0",
             "--metrics-listen",
-            f"127.0.0.1:{metrics_port}",
+            "127.0.0.1:0",
             "--ingress-gateway",
             "192.0.2.10:15443",
             "--no-leader-elect",
@@ -106,6 +109,18 @@ async def test_cli_process_serves_readyz_and_exits_cleanly_on_sigterm(clusters, 
             env=env,
         )
     try:
+        ports: tuple[int, int] | None = None
+
+        async def started() -> bool:
+            nonlocal ports
+            if proc.returncode is not None:
+                raise AssertionError(f"federate exited early: {stderr_path.read_text()}")
+            ports = _started_ports(stderr_path)
+            return ports is not None
+
+        await eventually(started, timeout=30, interval=0.1)
+        assert ports is not None
+        exporter_port, metrics_port = ports
 
         async def ready() -> bool:
             if proc.returncode is not None:

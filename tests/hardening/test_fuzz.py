@@ -1,4 +1,5 @@
-"""The coverage-guided fuzzer (atheris) runs the classifier for a bounded time in the suite.
+"""The coverage-guided fuzzer (atheris) runs the classifier for a fixed number of inputs in the
+suite (a count, not a time: how fast it goes is no test's business).
 
 Long run: `.venv/bin/python fuzz/classify_fuzz.py -dict=fuzz/classify.dict -max_total_time=600
 /tmp/corpus fuzz/seeds` (see docs/security-testing.md).
@@ -21,7 +22,7 @@ from apiproxy.request import RequestRejected
 
 ROOT = Path(__file__).resolve().parents[2]
 FUZZ = ROOT / "fuzz" / "classify_fuzz.py"
-SECONDS = int(os.environ.get("HARDENING_FUZZ_SECONDS", "15"))
+RUNS = int(os.environ.get("HARDENING_FUZZ_RUNS", "20000"))
 
 
 def _load_harness_check():  # type: ignore[no-untyped-def]
@@ -46,7 +47,8 @@ def test_atheris_fuzzes_the_classifier_without_findings(tmp_path: Path) -> None:
             sys.executable,
             str(FUZZ),
             f"-dict={ROOT / 'fuzz' / 'classify.dict'}",
-            f"-max_total_time={SECONDS}",
+            f"-runs={RUNS}",
+            "-max_total_time=600",  # a hang guard only
             "-print_final_stats=1",
             "-timeout=5",
             "-rss_limit_mb=1024",
@@ -55,15 +57,14 @@ def test_atheris_fuzzes_the_classifier_without_findings(tmp_path: Path) -> None:
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        timeout=SECONDS + 60,
+        timeout=660,
         check=False,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     runs = int(re.search(r"stat::number_of_executed_units:\s+(\d+)", out).group(1))  # type: ignore[union-attr]
-    rate = int(re.search(r"stat::average_exec_per_sec:\s+(\d+)", out).group(1))  # type: ignore[union-attr]
-    print(f"atheris: {runs} runs, {rate} exec/s in {SECONDS}s")
-    assert runs > 1000 * SECONDS // 10, out[-2000:]  # it really ran (the slowest CI box: >100/s)
+    print(f"atheris: {runs} runs")
+    assert runs >= RUNS, out[-2000:]  # it really ran them all
     assert not list(tmp_path.glob("crash-*"))
 
 

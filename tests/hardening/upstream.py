@@ -7,7 +7,8 @@ request. It answers like kube-apiserver would for the paths the suite uses: `/ve
 
 Fault modes (`mode`): "normal", "garbage" (non-HTTP bytes), "reset" (RST instead of an answer),
 "hang" (never answers), "slow" (answers after `delay` seconds), "kill_watch" (watches send one
-event and then the socket is aborted mid-chunk).
+event and then the socket is aborted mid-chunk), "truncate" (a Content-Length answer whose body is
+cut short, then the connection closed). `statuses` answers the next requests with those codes.
 """
 
 from __future__ import annotations
@@ -100,6 +101,8 @@ class RawUpstream:
     list_body: bytes = LIST_BODY
     # When set, a watch sends these events and ends at once (no broadcast() needed).
     watch_script: tuple[bytes, ...] | None = None
+    # Status codes for the next (non-probe) requests, first one first; then 200.
+    statuses: list[int] = field(default_factory=list)
     requests: list[RawRequest] = field(default_factory=list)
     probes: int = 0
     open_connections: int = 0
@@ -202,6 +205,16 @@ class RawUpstream:
                     return
                 if self.mode == "slow":
                     await asyncio.sleep(self.delay)
+                if self.mode == "truncate":
+                    writer.write(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (len(self.list_body), self.list_body[:10])
+                    )
+                    await writer.drain()
+                    return
+                if self.statuses:
+                    await _respond(writer, self.statuses.pop(0), self.list_body)
+                    continue
                 if _is_watch(target) and method == "GET":
                     await self._watch(reader, writer)
                     return

@@ -18,5 +18,5 @@ def test_benchmark_quick_smoke() -> None:
     assert done.returncode == 0, done.stderr
     figures = re.findall(r"rules=\s*(\d+)\s+decision median ([0-9.]+) us", done.stdout)
     assert [int(n) for n, _ in figures] == [10, 1000]
-    # Generous bound for shared CI machines; the target (<10 us) is checked by the full run.
-    assert all(0 < float(us) < 200 for _, us in figures)
+    # A figure, not a verdict: the target (<10 us) is judged by the full run in bench/.
+    assert all(float(us) > 0 for _, us in figures)

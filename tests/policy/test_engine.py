@@ -273,3 +273,47 @@ def test_star_verbs_expand_to_every_resource_verb(verb: str) -> None:
     assert decide(p, "GET", target).allowed
     assert decide(p, "DELETE", "/api/v1/namespaces/a/configmaps").allowed
     assert decide(p, "GET", "/api/v1/proxy/namespaces/a/configmaps/x").allowed
+
+
+# -- to the letter: each test below kills mutants scripts/mutate found surviving -------------------
+
+
+def test_a_better_rule_found_early_is_kept_when_later_buckets_hold_worse_ones() -> None:
+    p = policy(
+        """
+        - name: core-pods
+          peers: ["*"]
+          apiGroups: [""]
+          resources: [pods]
+          verbs: [get]
+        - name: any-group-pods
+          peers: ["*"]
+          apiGroups: ["*"]
+          resources: [pods]
+          verbs: [get]
+        """
+    )
+    d = decide(p, "GET", "/api/v1/namespaces/a/pods/x")
+    assert (d.allowed, d.rule) == (True, "core-pods")
+    assert decide(p, "GET", "/apis/g/v1/namespaces/a/pods/x").rule == "any-group-pods"
+
+
+def test_no_peer_is_a_plain_denial() -> None:
+    d = TEAM.decide("", classify("GET", "/api/v1/namespaces/team-a/pods"))
+    assert d == Decision(False, None, "denied: the request has no authenticated peer")
+    assert d.allowed is False
+
+
+def test_denials_describe_the_request() -> None:
+    cases = [
+        (
+            "/api/v1/namespaces/b/pods/x/log",
+            "get pods/log (v1) named 'x' in namespace 'b'",
+        ),
+        ("/apis/apps/v1/deployments", "list deployments (apps/v1) cluster-wide"),
+        ("/api/v1/nodes/n", "get nodes (v1) named 'n' cluster-wide"),
+        ("/metrics", "get the non-resource URL /metrics"),
+    ]
+    for target, what in cases:
+        d = decide(TEAM, "GET", target)
+        assert d.reason == f"denied: no rule allows peer 'c1' to {what}"

@@ -293,3 +293,76 @@ def test_ambiguous_targets_are_refused(method: str, target: str, why: str) -> No
 def test_watch_on_non_resource_paths_is_ignored() -> None:
     # Non-resource handlers do not read 'watch'; nothing to disambiguate.
     assert classify("GET", "/version?watch=1").verb == "get"
+
+
+# Whole sentences, for the refusals whose wording mutants changed unnoticed (scripts/mutate).
+EXACT = [
+    (
+        "GET",
+        "/api/v1/pods?watch=1;x",
+        "The query contains ';', which some parsers treat as a separator and Go drops; "
+        "use '&' between parameters.",
+    ),
+    ("GET", "/api/v1/pods?x=<", "The query contains the character '<', which must be encoded."),
+    ("GET", "/api/v1/pods/<", "The path contains the character '<', which is not accepted."),
+    (
+        "GET",
+        "/api/v1/namespaces/a/pods%2Ffoo",
+        "The path contains percent-encoded characters; this proxy only accepts paths that "
+        "read the same before and after decoding.",
+    ),
+    (
+        "GET",
+        "/api/v1//pods",
+        "The path contains an empty segment ('//' or a trailing '/'), which servers "
+        "normalize differently.",
+    ),
+    ("GET", "", "The request target is empty."),
+    (
+        "GET",
+        "/api/v1/pods ",
+        "The request target contains a space, control or non-ASCII character (U+0020).",
+    ),
+    (
+        "GET",
+        "/api/v1/pods\x7f",
+        "The request target contains a space, control or non-ASCII character (U+007F).",
+    ),
+    (
+        "GET",
+        "http://evil/api/v1/pods",
+        "The request target must be a path starting with '/'; absolute-form ",
+    ),
+    (
+        "GET",
+        "/api/v1/namespaces/a/pods/foo?watch=true",
+        "The 'watch' parameter is only meaningful on a GET of a collection; kube-apiserver "
+        "ignores it here, so it is refused to avoid reading this request as a watch.",
+    ),
+    (
+        "GET",
+        "/api/v1/pods?labelSelector=%C3%A4",
+        "The query parameter 'labelSelector' decodes to non-ASCII bytes, which this proxy does "
+        "not accept in parameters it interprets.",
+    ),
+    (
+        "X" * 30,
+        "/api/v1/pods",
+        f"The HTTP method {'X' * 20!r} is not supported; only GET, HEAD, POST, PUT, "
+        "PATCH and DELETE are.",
+    ),
+]
+
+
+@pytest.mark.parametrize(("method", "target", "reason"), EXACT)
+def test_refusals_word_for_word(method: str, target: str, reason: str) -> None:
+    with pytest.raises(RequestRejected) as caught:
+        classify(method, target)
+    assert caught.value.reason.startswith(reason)
+    if not reason.endswith(" "):
+        assert caught.value.reason == reason
+
+
+def test_a_tilde_is_an_ordinary_character() -> None:
+    assert classify("GET", "/api/v1/namespaces/a/pods/~p").name == "~p"
+    assert classify("GET", "/api/v1/namespaces/a/pods?labelSelector=a~b").label_selector == "a~b"

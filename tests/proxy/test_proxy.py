@@ -282,13 +282,9 @@ async def test_protocol_upgrade_is_refused_without_dangerous_rule(
 
 
 async def test_upstream_unreachable_is_503_status(
-    world: World, make_proxy: ProxyFactory, tmp_path: Path
+    world: World, make_proxy: ProxyFactory, tmp_path: Path, refused_port: int
 ) -> None:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = refused_port
     proxy, _ = await make_proxy(f"https://127.0.0.1:{port}")
     async with session(world, tmp_path, world.client_a) as s:
         async with s.get(proxy.url + "/api/v1/pods") as resp:
@@ -463,13 +459,9 @@ async def test_metrics_health_and_readiness(
 
 
 async def test_readiness_fails_when_upstream_is_down(
-    world: World, make_proxy: ProxyFactory
+    world: World, make_proxy: ProxyFactory, refused_port: int
 ) -> None:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = refused_port
     proxy, _ = await make_proxy(f"https://127.0.0.1:{port}")
     assert await proxy._probe_once() is False
     proxy.upstream_ok = False

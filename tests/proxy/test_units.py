@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 
+import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from apiproxy import pki, tokens
 from apiproxy.authn import AuthnFailure, authenticate
@@ -16,7 +19,7 @@ from apiproxy.forward import (
     is_upgrade,
     upstream_request_headers,
 )
-from apiproxy.peers import PeersError, parse
+from apiproxy.peers import Peer, PeersError, PeerSet, parse
 from apiproxy.reload import FileWatcher
 from tests.proxy.conftest import OWN_UUID, UUID_A, UUID_B, World
 
@@ -246,3 +249,84 @@ async def test_file_watcher_polls_on_its_own(tmp_path: Path) -> None:
         await asyncio.wait_for(changed.wait(), 10)
     finally:
         await w.stop()
+
+
+def test_cluster_uuids_are_compared_canonically(world: World) -> None:
+    key = tokens.public_key_pem(world.key_a)
+    own = "cccccccc-dddd-4eee-8fff-abcdefabcdef"  # letters, so case can differ
+    # Our own UUID, written in another case, is still our own.
+    with pytest.raises(PeersError, match=r"peers\[0\]\.clusterUUID: is this proxy's own"):
+        parse(peers_text(item("a", own.upper(), key=key)), "src", own_cluster_uuid=own)
+    with pytest.raises(PeersError, match=r"peers\[0\]\.clusterUUID: is this proxy's own"):
+        parse(peers_text(item("a", own, key=key)), "src", own_cluster_uuid=own.upper())
+    # AAAA… and aaaa… are one cluster: a duplicate.
+    with pytest.raises(PeersError, match=r"peers\[1\]\.clusterUUID: duplicates peers\[0\]"):
+        parse(peers_text(item("a", UUID_A.upper(), key=key), item("b", UUID_A, key=key)), "src")
+    # Other spellings uuid.UUID would take are not canonical.
+    for odd in ('"{' + UUID_A + '}"', UUID_A.replace("-", ""), "urn:uuid:" + UUID_A):
+        with pytest.raises(PeersError, match="is not in canonical UUID form"):
+            parse(peers_text(item("a", odd, key=key)), "src")
+    # An upper-case entry is kept canonical; tokens name it, and us, in any case.
+    ps = parse(peers_text(item("a", UUID_A.upper(), key=key)), "src", own_cluster_uuid=own)
+    assert ps.peers[0].cluster_uuid == UUID_A
+    assert ps.by_uuid(UUID_A.upper()) is ps.peers[0]
+    assert ps.key_for_subject(UUID_A.upper()) is not None
+    for sub, aud in ((UUID_A.upper(), own), (UUID_A, own.upper())):
+        ident = authenticate(
+            ps,
+            certificate=None,
+            authorization=f"Bearer {world.token_a(subject=sub, audience=aud)}",
+            cluster_uuid=own,
+        )
+        assert ident.peer is ps.peers[0]
+        assert ident.token_subject == UUID_A
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        ec.generate_private_key(ec.SECP384R1()),
+        rsa.generate_private_key(public_exponent=65537, key_size=1024),  # noqa: S505 (refused)
+    ],
+    ids=["p384", "rsa1024"],
+)
+def test_peers_file_refuses_weak_or_unsupported_jwt_keys(key: object) -> None:
+    pem = tokens.public_key_pem(key)  # type: ignore[arg-type]
+    with pytest.raises(PeersError, match=r"src: peers\[0\]\.jwtPublicKey: unsupported_key: "):
+        parse(peers_text(item("a", UUID_A, key=pem)), "src")
+
+
+def test_token_failure_reasons_through_authenticate(world: World) -> None:
+    ps = parse(world.peers_yaml(), "src")
+    now = int(time.time())
+
+    def reason(claims: dict[str, object], key: object = None) -> str:
+        token = jwt.encode(claims, key or world.key_a, algorithm="EdDSA")
+        with pytest.raises(AuthnFailure) as info:
+            authenticate(
+                ps, certificate=None, authorization=f"Bearer {token}", cluster_uuid=OWN_UUID
+            )
+        return info.value.reason
+
+    good = {"sub": UUID_A, "aud": OWN_UUID, "scope": "api", "iat": now, "exp": now + 60}
+    assert reason({**good, "iat": now + 3600}) == "token_issued_in_future"
+    assert reason({**good, "nbf": now + 3600}) == "token_not_yet_valid"
+    assert reason({**good, "exp": "tomorrow"}) == "token_invalid"
+    assert reason({**good, "iat": "now"}) == "token_invalid"
+    assert reason({k: v for k, v in good.items() if k != "sub"}) == "token_missing_subject"
+    assert reason({**good, "sub": 7}) == "token_missing_subject"
+    assert reason({**good, "exp": now - 3600}) == "token_expired"
+    # Within the leeway (30 s) each time check still passes.
+    for claims in ({"iat": now + 20}, {"nbf": now + 20}, {"exp": now - 20}):
+        token = jwt.encode({**good, **claims}, world.key_a, algorithm="EdDSA")
+        ident = authenticate(
+            ps, certificate=None, authorization=f"Bearer {token}", cluster_uuid=OWN_UUID
+        )
+        assert ident.peer.name == "cluster-a"
+    # A peer set holding a key tokens cannot use (built in code: parse refuses it).
+    p384 = ec.generate_private_key(ec.SECP384R1()).public_key()
+    odd = PeerSet(peers=(Peer(name="odd", cluster_uuid=UUID_A, jwt_key=p384),))
+    token = world.token_a()
+    with pytest.raises(AuthnFailure) as info:
+        authenticate(odd, certificate=None, authorization=f"Bearer {token}", cluster_uuid=OWN_UUID)
+    assert info.value.reason == "token_unsupported_key"

@@ -575,13 +575,9 @@ async def test_upgrade_with_a_body_is_refused(
 
 
 async def test_unreachable_upstream_is_503(
-    world: World, make_proxy: ProxyFactory, tmp_path: Path
+    world: World, make_proxy: ProxyFactory, tmp_path: Path, refused_port: int
 ) -> None:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = refused_port
     proxy, _ = await exec_proxy(make_proxy, world, tmp_path, f"https://127.0.0.1:{port}")
     client = await raw_upgrade(proxy, world, tmp_path)
     client.writer.close()
@@ -697,3 +693,89 @@ def test_upstream_head_parsing_is_strict() -> None:
     ):
         with pytest.raises(upgrade.UpstreamProtocolError):
             upgrade.parse_head(bad)
+
+
+EXEC_RULE = """\
+- name: debug-exec
+  peers: [cluster-a]
+  apiGroups: [""]
+  resources: [pods/exec, pods/attach, pods/portforward]
+  namespaces: [debug]
+  verbs: [get, create]
+  dangerous: true
+"""
+
+
+@pytest.mark.parametrize(
+    ("after", "kept"),
+    [
+        pytest.param(POLICY_EXEC.replace(EXEC_RULE, ""), "rule-removed", id="rule-removed"),
+        pytest.param(
+            POLICY_EXEC.replace(
+                "  resources: [pods/exec, pods/attach, pods/portforward]\n",
+                "  resources: [pods/attach, pods/portforward]\n",
+            ),
+            "exec-dropped",
+            id="exec-dropped-from-the-rule",
+        ),
+    ],
+)
+async def test_a_policy_reload_revokes_open_tunnels_it_no_longer_allows(
+    world: World,
+    raw_upstream: RawUpstream,
+    make_proxy: ProxyFactory,
+    tmp_path: Path,
+    after: str,
+    kept: str,
+) -> None:
+    assert EXEC_RULE in POLICY_EXEC
+    assert after != POLICY_EXEC, kept
+    proxy, files = await exec_proxy(make_proxy, world, tmp_path, raw_upstream.url)
+    client = await raw_upgrade(proxy, world, tmp_path)
+    assert client.status == 101
+    (audit_id,) = client.header("Audit-ID")
+    assert await client.read_exactly(len(HELLO)) == HELLO
+    files.policy.write_text(after)
+    assert await proxy.reload_now() == [("policy", True)]
+    async with asyncio.timeout(WAIT):
+        assert await client.reader.read() == b""  # the proxy ended the tunnel
+        await raw_upstream.closed.wait()  # and its upstream side
+    client.writer.close()
+    recs = await finished(proxy, files, audit_id)
+    assert recs[1]["annotations"]["apiproxy.io/stream-ended-by"] == "revoked"
+    assert relay_tasks() == []
+
+
+async def test_a_policy_reload_that_still_allows_a_tunnel_keeps_it(
+    world: World, raw_upstream: RawUpstream, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    proxy, files = await exec_proxy(make_proxy, world, tmp_path, raw_upstream.url)
+    client = await raw_upgrade(proxy, world, tmp_path)
+    (audit_id,) = client.header("Audit-ID")
+    assert await client.read_exactly(len(HELLO)) == HELLO
+    files.policy.write_text(POLICY_EXEC.replace("endpoints, ", ""))  # an unrelated rule changes
+    assert await proxy.reload_now() == [("policy", True)]
+    client.writer.write(b"still-there")
+    assert await client.read_exactly(len(b"still-there")) == b"still-there"
+    client.writer.close()
+    recs = await finished(proxy, files, audit_id)
+    assert recs[1]["annotations"]["apiproxy.io/stream-ended-by"] == "client"
+
+
+async def test_a_rule_cannot_lose_dangerous_and_keep_exec(
+    world: World, raw_upstream: RawUpstream, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """Taking `dangerous` off a rule that still grants exec is refused as a whole (policy
+    validation), so the open tunnel goes on under the last good policy: no rule can allow an
+    upgrade without being dangerous (docs/security-testing.md, mutation testing)."""
+    proxy, files = await exec_proxy(make_proxy, world, tmp_path, raw_upstream.url)
+    client = await raw_upgrade(proxy, world, tmp_path)
+    assert await client.read_exactly(len(HELLO)) == HELLO
+    files.policy.write_text(
+        POLICY_EXEC.replace(EXEC_RULE, EXEC_RULE.replace("  dangerous: true\n", ""))
+    )
+    assert await proxy.reload_now() == [("policy", False)]
+    assert proxy.stale == {"policy"}
+    client.writer.write(b"still-there")
+    assert await client.read_exactly(len(b"still-there")) == b"still-there"
+    client.writer.close()

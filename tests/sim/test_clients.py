@@ -18,6 +18,7 @@ from kubernetes_asyncio import watch as awatch
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from apiproxy_dev.sim import SimAPIServer
+from tests.tools import KUBECTL
 
 CRD = """
 apiVersion: apiextensions.k8s.io/v1
@@ -63,7 +64,7 @@ def _kubectl(
 ) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), "HOME": str(kubeconfig.parent)}
     return subprocess.run(
-        ["kubectl", *args],
+        [KUBECTL, *args],
         input=stdin,
         capture_output=True,
         text=True,
@@ -116,7 +117,7 @@ def test_kubectl_get_watch(threaded_sim: tuple[SimAPIServer, Path], make_pod: An
     sim.store.create(make_pod("first"))
     env = {**os.environ, "KUBECONFIG": str(kc), "HOME": str(kc.parent)}
     proc = subprocess.Popen(
-        ["kubectl", "get", "pods", "-w", "-o", "name", "--request-timeout=30s"],
+        [KUBECTL, "get", "pods", "-w", "-o", "name", "--request-timeout=30s"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

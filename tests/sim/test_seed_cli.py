@@ -13,6 +13,7 @@ from typing import Any
 
 from apiproxy_dev.sim import SimAPIServer, Store
 from apiproxy_dev.sim.seed import Churn, seed
+from tests.tools import KUBECTL
 
 
 def test_seeded_objects_are_realistic() -> None:
@@ -81,7 +82,7 @@ def test_sim_command_serves_kubectl_and_stops_on_sigterm(tmp_path: Path) -> None
         assert m.group(2) == str(kc)
         env = {**os.environ, "KUBECONFIG": str(kc), "HOME": str(tmp_path)}
         out = subprocess.run(
-            ["kubectl", "get", "pods", "-A", "-o", "name"],
+            [KUBECTL, "get", "pods", "-A", "-o", "name"],
             capture_output=True,
             text=True,
             env=env,
