@@ -180,9 +180,9 @@ async def test_private_document_authorization_header_and_logs(exporter, test_ca,
     )
     assert (await _private_header(fed, test_ca, f"Bearer {forged}"))[0] == 401
     logs = [json.loads(x) for x in capsys.readouterr().err.splitlines() if x.startswith("{")]
-    served = [r for r in logs if r.get("event") == "private metadata served"]
+    served = [r for r in logs if r.get("event") == "private_metadata_served"]
     assert [r["subject"] for r in served] == [peer_uuid]
-    refused = [r for r in logs if r.get("event") == "private metadata refused"]
+    refused = [r for r in logs if r.get("event") == "private_metadata_refused"]
     assert [(r["reason"], r["peer"]) for r in refused] == [("bad_signature", "127.0.0.1")]
     assert token not in str(logs)
 

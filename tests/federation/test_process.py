@@ -20,12 +20,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _started_ports(stderr: Path) -> tuple[int, int] | None:
-    """The exporter and metrics ports from the process's `federation started` log line (it is
+    """The exporter and metrics ports from the process's `federation_started` log line (it is
     asked for port 0: the kernel picks a free port, nothing can take it between pick and bind)."""
     for line in stderr.read_text().splitlines():
         if line.startswith("{"):
             rec = json.loads(line)
-            if rec.get("event") == "federation started":
+            if rec.get("event") == "federation_started":
                 return int(rec["exporter_port"]), int(rec["metrics_port"])
     return None
 
