@@ -386,8 +386,11 @@ class Compare(base.Bench):
         wait_http(urls[0], self.jwt)
         self.hops.append(Hop(Contender(name, urls[0], self.jwt, pids[0]), urls[1], pids[1]))
 
-    def start_apiproxy_hop(self) -> None:
+    def start_apiproxy_hop(self, name: str = "apiproxy", code: Path | None = None) -> None:
+        """apiproxy from this checkout, or (`code`: a folder holding another version's
+        `apiproxy/` package) from there, for same-run before/after comparisons."""
         w = self.work
+        env = {**os.environ, "PYTHONPATH": str(code)} if code else None
         urls: list[str] = []
         pids: list[int] = []
         for i, upstream in enumerate((self.static_url, self.events_url)):
@@ -406,23 +409,30 @@ class Compare(base.Bench):
                 f"--upstream={upstream}",
                 f"--upstream-ca={self.ca_file}",
                 f"--upstream-token-file={w / 'upstream-token'}",
-                f"--audit-log={w / f'audit-{i}.log'}",
+                f"--audit-log={w / f'audit-{name}-{i}.log'}",
                 "--max-watches-per-peer=100000",
                 "--max-requests-per-peer=10000",
                 "--log-format=json",
             ]
-            child = self.spawn(f"apiproxy-{i}", argv, base.HOP_CPUS)
+            child = Child(f"{name}-{i}", argv, base.HOP_CPUS, w / f"{name}-{i}.log", env=env)
+            self.children.append(child)
             urls.append(f"https://127.0.0.1:{port}")
             pids.append(child.pid)
         wait_http(urls[0], self.jwt)
-        self.hops.append(Hop(Contender("apiproxy", urls[0], self.jwt, pids[0]), urls[1], pids[1]))
+        self.hops.append(Hop(Contender(name, urls[0], self.jwt, pids[0]), urls[1], pids[1]))
 
-    def start_all(self) -> None:
+    def start_all(self, names: Sequence[str], baseline: Path | None) -> None:
         self.start_upstreams()
-        self.start_nginx_hop()
-        self.start_go_hop("go", jwt=False)
-        self.start_go_hop("go+jwt", jwt=True)
-        self.start_apiproxy_hop()
+        if "nginx" in names:
+            self.start_nginx_hop()
+        if "go" in names:
+            self.start_go_hop("go", jwt=False)
+        if "go+jwt" in names:
+            self.start_go_hop("go+jwt", jwt=True)
+        if baseline is not None:
+            self.start_apiproxy_hop("apiproxy-base", baseline)
+        if "apiproxy" in names:
+            self.start_apiproxy_hop()
         self.contenders = [h.contender for h in self.hops]
         self.watch_side = {h.contender.name: h for h in self.hops}
 
@@ -552,6 +562,33 @@ class Compare(base.Bench):
             runs[c.name].append(r)
             say(f"  LIST {c.name:<8} {r['mb_per_second']:7.1f} MB/s")
         return runs
+
+    def profile(self, seconds: float) -> dict[str, Any]:
+        """py-spy on apiproxy: small GETs (c=16), then a watch under churn (max rate)."""
+        spy = shutil.which("py-spy") or str(Path(self.py).with_name("py-spy"))
+        hop = self.watch_side["apiproxy"]
+        if not Path(spy).exists():
+            self.notes.append("py-spy not installed: no profile (pip install -e '.[bench]')")
+            return {}
+        out: dict[str, Any] = {}
+        loads: list[tuple[str, int | None, Callable[[], Any]]] = [
+            ("small_get_c16", hop.contender.hop_pid, lambda: self.wrk(hop.contender, 16, seconds)),
+            ("watch_churn", hop.watch_pid, lambda: self.watch_once(hop, 0.0)),
+        ]
+        keep = self.csizes
+        self.csizes = replace(keep, watch_seconds=max(1.0, seconds - 3))  # churn spans the sample
+        for what, pid, load in loads:
+            raw = self.work / f"profile-{what}.raw"
+            argv = [spy, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "250"]
+            child = self.spawn(f"py-spy-{what}", [*argv, "-f", "raw", "-o", str(raw)], None)
+            time.sleep(1.0)  # py-spy attaches
+            load()
+            child.wait(seconds + 60)
+            out[what] = base.top_functions(raw, n=20)
+            for name, pct in out[what].get("self_percent", [])[:8]:
+                say(f"  {what}: {pct:5.1f}% self  {name}")
+        self.csizes = keep
+        return out
 
 
 # ------------------------------------------------------------------------------------ the table
@@ -706,8 +743,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="seconds-long run with tiny sizes")
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/compare.json)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
-    parser.add_argument("--only", default="small,watch,list,idle", help="comma-separated parts")
+    parser.add_argument(
+        "--only",
+        default="small,watch,list,idle",
+        help="comma-separated parts: small,watch,list,idle,profile",
+    )
     parser.add_argument("--repeats", type=int, help="override the repeats")
+    parser.add_argument(
+        "--contenders", default=",".join(ORDER[1:]), help="hops to run (direct always runs)"
+    )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="folder with another version's apiproxy/ package: adds contender apiproxy-base "
+        "(e.g. `git archive HEAD~1 apiproxy | tar -x -C /tmp/base`)",
+    )
     args = parser.parse_args(argv)
     sizes = SMOKE if args.smoke else FULL
     if args.repeats:
@@ -734,7 +784,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="apiproxy-compare-") as tmp:
         bench = Compare(sizes, Path(tmp))
         try:
-            bench.start_all()
+            bench.start_all(args.contenders.split(","), args.baseline)
             res["contenders"] = [h.contender.name for h in bench.hops]
             res["fixtures"] = {k: v for k, v in bench.fixtures.items() if k != "template"}
             steps: list[tuple[str, str, Callable[[], Any]]] = [
@@ -743,6 +793,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ("watch", "watch_paced", lambda: bench.watch(sizes.paced_updates)),
                 ("list", "list", bench.lists),
                 ("idle", "idle", bench.idle),
+                ("profile", "profile", lambda: bench.profile(8 if not args.smoke else 2)),
             ]
             for part, key, fn in steps:
                 if part in parts:
@@ -759,6 +810,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     res["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     res["rows"] = summarize(raw)
     res["goals"] = goals(res["rows"])
+    res["profile"] = raw.pop("profile", {})
     res["raw"] = raw
     res["wall_seconds"] = round(time.monotonic() - started, 1)
     text = markdown(res)
