@@ -112,6 +112,14 @@ class Hop:
     watch_pid: int | None
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of a process, all its threads (proc(5): stat fields 14 and 15)."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 # ------------------------------------------------------------------------------------- fixtures
 
 
@@ -460,11 +468,18 @@ class Compare(base.Bench):
             self.wrk(h.contender, s.small_conns, 1)
         runs: dict[str, list[dict[str, Any]]] = {h.contender.name: [] for h in self.hops}
         for h in self.turns(s.repeats):
+            cpu = cpu_seconds(h.contender.hop_pid)
             r = self.wrk(h.contender, s.small_conns, s.small_seconds)
+            if h.contender.hop_pid is not None:
+                # CPU per request: what a hop costs, much less sensitive than req/s to other
+                # load on a shared machine (the same-run before/after figure for a cut)
+                r["cpu_us_per_request"] = (
+                    (cpu_seconds(h.contender.hop_pid) - cpu) / max(r["requests"], 1) * 1e6
+                )
             runs[h.contender.name].append(r)
             say(
                 f"  GET c={s.small_conns} {h.contender.name:<8} {r['rps']:8.0f} req/s  "
-                f"p99 {r['p99_us'] / 1e3:6.2f} ms"
+                f"p99 {r['p99_us'] / 1e3:6.2f} ms  {r.get('cpu_us_per_request', 0):6.0f} us CPU/req"
                 + (f"  ERRORS {r['errors']}" if r["errors"] else "")
             )
         return runs
@@ -472,6 +487,7 @@ class Compare(base.Bench):
     def watch_once(self, h: Hop, rate: float) -> dict[str, Any]:  # type: ignore[override]
         s = self.csizes
         assert self.go is not None
+        cpu = cpu_seconds(h.watch_pid)
         token_file = self.work / f"token-{h.contender.name}"
         token_file.write_text(h.contender.token + "\n")
         child = self.spawn(
@@ -494,6 +510,8 @@ class Compare(base.Bench):
         out = child.json_line(timeout=60)
         child.wait(30)
         out["offered_events"] = max(churn["updates"] * s.watchers, churn["sent"])
+        if h.watch_pid is not None:
+            out["cpu_us_per_event"] = (cpu_seconds(h.watch_pid) - cpu) / max(out["events"], 1) * 1e6
         self.wait_upstream_watchers(0)
         return out
 
@@ -505,7 +523,8 @@ class Compare(base.Bench):
             say(
                 f"  watch x{self.csizes.watchers} {'max' if not rate else 'paced':<5} "
                 f"{h.contender.name:<8} {r['events_per_second']:8.0f} ev/s "
-                f"({r['events']}/{r['offered_events']})  p99 {r['latency_p99_us'] / 1e3:7.2f} ms"
+                f"({r['events']}/{r['offered_events']})  p99 {r['latency_p99_us'] / 1e3:7.2f} ms  "
+                f"{r.get('cpu_us_per_event', 0):5.0f} us CPU/event"
             )
         return runs
 
@@ -606,6 +625,11 @@ def summarize(raw: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, dict
         put(name, "small_get_rps", [r["rps"] for r in rs])
         put(name, "small_get_p99_ms", [r["p99_us"] / 1e3 for r in rs])
         rows.setdefault(name, {})["small_get_errors"] = sum(r["errors"] for r in rs)
+        put(
+            name,
+            "small_get_cpu_us",
+            [r["cpu_us_per_request"] for r in rs if "cpu_us_per_request" in r],
+        )
     for name, rs in raw.get("watch_max", {}).items():
         put(name, "watch_events_per_second", [r["events_per_second"] for r in rs])
         put(
@@ -613,7 +637,17 @@ def summarize(raw: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, dict
             "watch_delivered_fraction",
             [r["events"] / max(r["offered_events"], 1) for r in rs],
         )
+        put(
+            name,
+            "watch_cpu_us_per_event",
+            [r["cpu_us_per_event"] for r in rs if "cpu_us_per_event" in r],
+        )
     for name, rs in raw.get("watch_paced", {}).items():
+        put(
+            name,
+            "paced_cpu_us_per_event",
+            [r["cpu_us_per_event"] for r in rs if "cpu_us_per_event" in r],
+        )
         put(name, "paced_p99_ms", [r["latency_p99_us"] / 1e3 for r in rs])
         put(name, "paced_p50_ms", [r["latency_p50_us"] / 1e3 for r in rs])
         put(
@@ -702,8 +736,9 @@ def markdown(res: dict[str, Any]) -> str:
         f"| contender | small GET rps (c={s['small_conns']}) | ratio to nginx | watch events/s "
         f"({s['watchers']} watches) | ratio to direct | p99 per event at "
         f"{s['paced_updates'] * s['watchers']:,.0f} events/s | KiB per idle watch (RSS) | "
-        f"{res['fixtures']['list_bytes'] / 1e6:.0f} MB LIST MB/s | LIST ratio to nginx |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"{res['fixtures']['list_bytes'] / 1e6:.0f} MB LIST MB/s | LIST ratio to nginx | "
+        "CPU µs per GET | CPU µs per event (paced) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in res["contenders"]:
         lines.append(
@@ -719,6 +754,8 @@ def markdown(res: dict[str, Any]) -> str:
                     f(name, "idle_kib_per_watch_rss"),
                     f(name, "list_mb_per_second", 1),
                     f(name, "list_ratio_to_nginx"),
+                    f(name, "small_get_cpu_us"),
+                    f(name, "paced_cpu_us_per_event", 1),
                 ]
             )
             + " |"
