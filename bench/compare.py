@@ -1,6 +1,6 @@
 """The issue-16 table from one run: each contender in front of upstreams faster than any of them.
 
-    .venv/bin/python -m bench.compare           full run (~6 min): bench/results/compare.{json,md}
+    .venv/bin/python -m bench.compare           full run (~5 min): bench/results/compare.{json,md}
     .venv/bin/python -m bench.compare --smoke   seconds-long sizes (tests/bench runs it)
 
 Upstreams (on the non-hop CPU, with wrk and the Python clients; see bench/run.py for the pinning):
