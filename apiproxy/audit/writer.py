@@ -31,6 +31,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import IO, Any, Final
 
+import orjson
 from prometheus_client import Counter, Gauge, Histogram
 
 from apiproxy.log import get_logger
@@ -75,7 +76,15 @@ def _default_opener(path: str) -> IO[bytes]:
 
 
 def serialize(event: dict[str, Any]) -> bytes:
-    return (json.dumps(event, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+    """One record as a JSON line: UTF-8, no spaces, as `json.dumps(ensure_ascii=False,
+    separators=(",", ":"))` writes it (byte for byte for everything but floats, which are
+    equal as JSON). orjson is ~15x cheaper per record on the request path; what it refuses
+    (non-string keys, integers beyond 64 bits, lone surrogates) takes the standard library's
+    path, so such a record is written, or fails, exactly as before."""
+    try:
+        return orjson.dumps(event, option=orjson.OPT_APPEND_NEWLINE)
+    except TypeError:
+        return (json.dumps(event, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
 
 
 class AuditWriter:

@@ -38,14 +38,16 @@ def run(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 
 def test_a_prepared_machine_installs_nothing(tmp_path: Path) -> None:
-    env, calls = stand_ins(tmp_path, {"prometheus", "chromium", "fonts-dejavu-core"})
+    env, calls = stand_ins(
+        tmp_path, {"prometheus", "chromium", "fonts-dejavu-core", "nginx", "wrk"}
+    )
     proc = run(env)
     assert proc.returncode == 0, proc.stderr
     assert not calls.exists()
 
 
 def test_only_missing_packages_are_installed_waiting_for_the_lock(tmp_path: Path) -> None:
-    env, calls = stand_ins(tmp_path, {"chromium", "fonts-dejavu-core"})
+    env, calls = stand_ins(tmp_path, {"chromium", "fonts-dejavu-core", "nginx", "wrk"})
     proc = run(env)
     assert proc.returncode == 0, proc.stderr
     lines = calls.read_text().splitlines()

@@ -217,6 +217,7 @@ async def _stalled_strangers(world: World, tmp: Path) -> None:
                 assert await resp.content.readline() == EVENT
         await st.until(lambda: adm.open_connections == 0)
         await proxy.wait_until(lambda: proxy.open_watches("cluster-a") == 0)
+        await proxy.audit.flush()  # the writer opens its file lazily: open before the baseline
         baseline = fds()
 
         clients = await asyncio.create_subprocess_exec(

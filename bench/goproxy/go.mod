@@ -1,0 +1,3 @@
+module apiproxy.bench/goproxy
+
+go 1.21
