@@ -852,10 +852,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     res["wall_seconds"] = round(time.monotonic() - started, 1)
     text = markdown(res)
     print(text)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(res, indent=1) + "\n")
-    tmp_out.replace(out)
+    base.write_result(out, res)
     out.with_suffix(".md").write_text(text)
     say(f"wrote {out} and {out.with_suffix('.md')} ({res['wall_seconds']} s)")
     return 1 if "error" in res else 0

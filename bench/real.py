@@ -321,10 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "lists_gzip" in result:
         print("gzip (as client-go asks; bytes and MB/s are compressed):")
         print(run.table({"lists": result["lists_gzip"]}).split("\n\ntargets")[0])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(result, indent=1) + "\n")
-    tmp_out.replace(out)
+    run.write_result(out, result)
     say(f"wrote {out} ({result['wall_seconds']} s)")
     return 1 if "error" in result else 0
 

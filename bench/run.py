@@ -1106,12 +1106,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     result["wall_seconds"] = round(time.monotonic() - started, 1)
     text = table(result)
     print(text)
+    write_result(out, result)
+    say(f"wrote {out} ({result['wall_seconds']} s)")
+    return 1 if "error" in result else 0
+
+
+def write_result(out: Path, result: dict[str, Any]) -> None:
+    """Replace `out` with the results JSON at once, so an interrupted run never leaves half a
+    file where the README's figures come from (every bench entry point writes through here)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = out.with_suffix(".json.tmp")
     tmp_out.write_text(json.dumps(result, indent=1) + "\n")
     tmp_out.replace(out)
-    say(f"wrote {out} ({result['wall_seconds']} s)")
-    return 1 if "error" in result else 0
 
 
 if __name__ == "__main__":

@@ -12,12 +12,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.tools import built_tool
 
 INFORMERS = (
     "configmaps",
@@ -35,19 +34,7 @@ SECRETS_SELECTOR = "type!=helm.sh/release.v1,type!=kubernetes.io/service-account
 
 
 def binary() -> Path:
-    env = os.environ.get("CLIENTGO_INFORMERS")
-    if env:
-        path = Path(env)
-    else:
-        done = subprocess.run(
-            [str(ROOT / "scripts" / "clientgo-informers")],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise AssertionError(f"scripts/clientgo-informers failed:\n{done.stderr[-4000:]}")
-        path = Path(done.stdout.strip())
+    path = built_tool("CLIENTGO_INFORMERS", "clientgo-informers")
     if not os.access(path, os.X_OK):
         raise AssertionError(f"{path} is not an executable (CLIENTGO_INFORMERS)")
     return path

@@ -27,8 +27,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from apiproxy import pki
+from tests.tools import built_tool
 
-ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 90.0
 ISSUER = "https://kubernetes.default.svc.cluster.local"
 
@@ -39,19 +39,7 @@ class ClusterDied(AssertionError):
 
 def assets_dir() -> Path:
     """Where kube-apiserver and etcd are: KUBEBUILDER_ASSETS, else the project's cached build."""
-    env = os.environ.get("KUBEBUILDER_ASSETS")
-    if env:
-        path = Path(env)
-    else:
-        done = subprocess.run(
-            [str(ROOT / "scripts" / "kube-assets")],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise AssertionError(f"scripts/kube-assets failed:\n{done.stderr[-4000:]}")
-        path = Path(done.stdout.strip())
+    path = built_tool("KUBEBUILDER_ASSETS", "kube-assets")
     for name in ("kube-apiserver", "etcd"):
         if not os.access(path / name, os.X_OK):
             raise AssertionError(f"{path} has no executable {name} (KUBEBUILDER_ASSETS)")

@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from apiproxy import pki, tokens
 from apiproxy.policy import cli as policy_cli
 from tests.real.cluster import KubeCluster
+from tests.tools import KUBECTL
 
 OWN_UUID = "11111111-1111-4111-8111-111111111111"
 UUID_A = "aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa"
@@ -431,7 +432,7 @@ class RealProxy:
 def run_kubectl(
     kubeconfig: Path, *args: str, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
-    kubectl = str(Path(sys.executable).parent / "kubectl")
+    kubectl = KUBECTL
     if not os.access(kubectl, os.X_OK):
         kubectl = "kubectl"
     return subprocess.run(

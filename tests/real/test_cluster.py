@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.real.cluster import ClusterDied, KubeCluster
-
-KUBECTL = str(Path(sys.executable).parent / "kubectl")
+from tests.tools import KUBECTL
 
 
 def test_serves_the_expected_version(kube: KubeCluster, kube_version: tuple[int, int]) -> None:

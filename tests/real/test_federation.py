@@ -14,7 +14,6 @@ import asyncio
 import base64
 import json
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -33,11 +32,11 @@ from apiproxy.federation.controller import FINALIZER, PRIVATE, PUBLIC, REMOTE_AP
 from apiproxy.federation.main import LEASE_NAME, Federation, FederationConfig
 from apiproxy.server import ProxyServer, ServeConfig
 from tests.real.cluster import KubeCluster
+from tests.tools import KUBECTL
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ROOT / "deploy" / "base"
 POLICY = ROOT / "policies" / "istio-remote.yaml"
-KUBECTL = str(Path(sys.executable).parent / "kubectl")
 IMC = "/apis/deckhouse.io/v1alpha1/istiomulticlusters"
 SHIPPED = (
     "namespace.yaml",
