@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import socket
 import ssl
@@ -72,6 +73,7 @@ WHY: dict[str, str] = {
 }
 
 # Stopping is logged once by the server; a 401 is logged with its request already.
+READ_BUFFER = 64 * 1024  # what TLS may decrypt at once for a client connection (records: 16 KiB)
 _NOT_LOGGED = frozenset({"shutdown", "unauthenticated"})
 
 
@@ -323,7 +325,7 @@ class Admission:
         async with asyncio.timeout(lim.handshake_timeout):
             # The handler's connection_made records the transport once TLS is up.
             await loop.connect_accepted_socket(
-                lambda: self._make_handler(conn),
+                lambda: _BufferedReads(self._make_handler(conn), self._read_buffer),
                 sock,
                 ssl=self.ssl_context,
                 # Our own timeout above is the one that counts; this one only backs it up.
@@ -361,6 +363,10 @@ class Admission:
         self._closed(conn)
 
     # -- per connection -------------------------------------------------------------------------
+
+    @functools.cached_property
+    def _read_buffer(self) -> memoryview:
+        return memoryview(bytearray(READ_BUFFER))
 
     def _make_handler(self, conn: _Conn) -> _GatedHandler:
         assert self._server is not None
@@ -549,6 +555,41 @@ class _GatedHandler(RequestHandler):
         self._disarm()
         self.admission._closed(self.admission_conn)
         super().connection_lost(exc)
+
+
+class _BufferedReads(asyncio.BufferedProtocol):
+    """aiohttp's handler behind a buffered protocol, so TLS decrypts into one buffer shared by
+    every connection (the handler gets a copy of exactly what arrived). Given a plain protocol,
+    the loop's TLS layer allocates a fresh 256 KiB object per read, which glibc maps and unmaps
+    (apiproxy/memory.py's fixed mmap threshold): a syscall pair and page faults per request."""
+
+    __slots__ = ("_buffer", "handler")
+
+    def __init__(self, handler: _GatedHandler, buffer: memoryview) -> None:
+        self.handler = handler
+        self._buffer = buffer
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.handler.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.handler.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.handler.resume_writing()
+
+    def eof_received(self) -> None:
+        self.handler.eof_received()  # aiohttp's: None, so the transport closes
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        # Copied out before the loop reads into the shared buffer again.
+        self.handler.data_received(self._buffer[:nbytes].tobytes())
 
 
 class _Listener:

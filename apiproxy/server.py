@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import ClientError, web
+from aiohttp import web
 from multidict import CIMultiDict
 
 from apiproxy import (
@@ -47,6 +47,7 @@ from apiproxy.request import RequestRejected, classify
 from apiproxy.streams import OpenStreams
 from apiproxy.tasks import cancel_and_wait
 from apiproxy.tls import ServerTLS, peer_certificate
+from apiproxy.upstream_client import UpstreamClientError
 
 _log = log.get_logger("apiproxy.server")
 MiB = 1024 * 1024
@@ -110,7 +111,7 @@ class ProxyServer:
         self.upstream = config.upstream
         self.metrics.upstream_tls_verified.set(1 if self.upstream.verifies_tls else 0)
         self.pool = UpstreamPool(
-            self.upstream.ssl_context(),
+            self.upstream,
             PoolLimits(
                 total=config.upstream_max_connections,
                 connect_timeout=config.upstream_connect_timeout_seconds,
@@ -343,18 +344,14 @@ class ProxyServer:
         headers: CIMultiDict[str] = CIMultiDict()
         self.upstream.authorize(headers)
         try:
-            resp = await self.pool.send(
-                "GET",
-                self.upstream.target("/version"),
-                headers,
-                None,
-                read_timeout=5.0,
-                server_hostname=self.upstream.tls_server_name,
-            )
-            async with resp:
-                await resp.read()  # a body cut short fails the probe, not the probe loop
-                return resp.status < 500
-        except (ClientError, TimeoutError, OSError):
+            async with asyncio.timeout(self.config.upstream_timeout_seconds):
+                resp = await self.pool.send("GET", "/version", headers, None, read_timeout=5.0)
+                try:
+                    await resp.read(MiB)  # a body cut short fails the probe, not the probe loop
+                finally:
+                    resp.release()
+            return resp.status < 500
+        except (UpstreamClientError, TimeoutError, OSError):
             return False
 
     async def probe_upstream(self) -> bool:

@@ -96,6 +96,11 @@ class UpstreamConfig:
             base = self._base = (self.url, str(self.url.origin()) + self.url.raw_path.rstrip("/"))
         return URL(base[1] + raw_target, encoded=True)
 
+    def request_target(self, raw_target: str) -> str:
+        """The origin-form request-target upstream (the URL's path prefix, then the raw target
+        byte for byte)."""
+        return self.url.raw_path.rstrip("/") + raw_target
+
     def authorize(self, headers: MutableMapping[str, str]) -> None:
         """Add the proxy's own credential (the current token) to an upstream request."""
         token = self.token.get() if self.token is not None else None

@@ -398,7 +398,9 @@ class Compare(base.Bench):
         """apiproxy from this checkout, or (`code`: a folder holding another version's
         `apiproxy/` package) from there, for same-run before/after comparisons."""
         w = self.work
-        env = {**os.environ, "PYTHONPATH": str(code)} if code else None
+        # `python -m` puts its working directory first on sys.path, ahead of PYTHONPATH: the
+        # other version's folder must be the working directory, or this checkout's code runs.
+        cwd = code.resolve() if code else base.ROOT
         urls: list[str] = []
         pids: list[int] = []
         for i, upstream in enumerate((self.static_url, self.events_url)):
@@ -422,7 +424,7 @@ class Compare(base.Bench):
                 "--max-requests-per-peer=10000",
                 "--log-format=json",
             ]
-            child = Child(f"{name}-{i}", argv, base.HOP_CPUS, w / f"{name}-{i}.log", env=env)
+            child = Child(f"{name}-{i}", argv, base.HOP_CPUS, w / f"{name}-{i}.log", cwd=cwd)
             self.children.append(child)
             urls.append(f"https://127.0.0.1:{port}")
             pids.append(child.pid)

@@ -153,7 +153,14 @@ class Child:
     """A child process with line-oriented stdin/stdout (JSON lines) and a bounded read."""
 
     def __init__(
-        self, name: str, argv: Sequence[str], cpus: set[int] | None, log: Path, **kw: Any
+        self,
+        name: str,
+        argv: Sequence[str],
+        cpus: set[int] | None,
+        log: Path,
+        *,
+        cwd: Path = ROOT,
+        **kw: Any,
     ) -> None:
         self.name = name
         self.log = log
@@ -164,7 +171,7 @@ class Child:
             stdout=subprocess.PIPE,
             stderr=self._err,
             preexec_fn=_preexec(cpus),
-            cwd=ROOT,
+            cwd=cwd,
             **kw,
         )
         self.pid = self.proc.pid

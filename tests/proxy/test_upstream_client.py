@@ -1,0 +1,514 @@
+"""The upstream HTTP/1.1 client (apiproxy/upstream_client.py) against a scripted TLS server.
+
+The server is raw asyncio on loopback, so each test can answer exactly as a misbehaving or slow
+upstream would: close an idle keep-alive connection, send a 100 before the answer, switch
+protocols unasked, cut a body short, or stop reading. Each scenario runs on asyncio's loop and on
+uvloop (what `apiproxy serve` runs on): their TLS layers read into buffered protocols differently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+from yarl import URL
+
+from apiproxy import pki
+from apiproxy.upstream_client import (
+    HIGH_WATER,
+    ConnectionPool,
+    UpstreamConnectError,
+    UpstreamDisconnected,
+    UpstreamProtocolError,
+    UpstreamResponse,
+)
+
+LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+CA = pki.make_ca("upstream test CA")
+SERVER = pki.server_cert_for_loopback(CA)
+OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+
+Reply = Callable[["Conn", bytes, bytes], Awaitable[None]]
+
+
+def run(loop: str, scenario: Callable[[], Awaitable[None]]) -> None:
+    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+        runner.run(asyncio.wait_for(scenario(), 60))
+
+
+both_loops = pytest.mark.parametrize("loop", sorted(LOOPS))
+
+
+class Conn:
+    """One accepted connection of the scripted server."""
+
+    def __init__(self, index: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.index = index
+        self.reader = reader
+        self.writer = writer
+        self.requests = 0
+
+
+class Upstream:
+    """A TLS server on 127.0.0.1 that hands every request (head, body) to `reply`."""
+
+    def __init__(self, reply: Reply, *, tls: bool = True) -> None:
+        self.reply = reply
+        self.tls = tls
+        self.heads: list[bytes] = []
+        self.conns: list[Conn] = []
+        self.closed: asyncio.Queue[int] = asyncio.Queue()  # connection index, at client EOF
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> Upstream:
+        tls = server_ssl() if self.tls else None
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=tls)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for c in self.conns:
+            c.writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = Conn(len(self.conns), reader, writer)
+        self.conns.append(conn)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                self.heads.append(head)
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                body = await reader.readexactly(length)
+                conn.requests += 1
+                await self.reply(conn, head, body)
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            self.closed.put_nowait(conn.index)
+            writer.close()
+
+    def pool(self, **kw: Any) -> ConnectionPool:
+        if not self.tls:
+            return ConnectionPool(URL(f"http://127.0.0.1:{self.port}"), False, **kw)
+        return ConnectionPool(URL(f"https://127.0.0.1:{self.port}"), client_ssl(), **kw)
+
+
+def server_ssl() -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    with tempfile.TemporaryDirectory() as d:
+        Path(d, "c").write_text(SERVER.cert_pem)
+        Path(d, "k").write_text(SERVER.key_pem)
+        ctx.load_cert_chain(Path(d, "c"), Path(d, "k"))
+    return ctx
+
+
+def client_ssl() -> ssl.SSLContext:
+    return ssl.create_default_context(cadata=CA.cert_pem)
+
+
+async def ok(conn: Conn, _head: bytes, _body: bytes) -> None:
+    conn.writer.write(OK)
+    await conn.writer.drain()
+
+
+async def body_of(resp: UpstreamResponse) -> bytes:
+    try:
+        return await resp.read(64 * 1024 * 1024)
+    finally:
+        resp.release()
+
+
+async def get(pool: ConnectionPool, target: str = "/api/v1/pods", **kw: Any) -> UpstreamResponse:
+    return await pool.request("GET", target, kw.pop("headers", []), None, read_timeout=10, **kw)
+
+
+# -- what goes out ---------------------------------------------------------------------------------
+
+
+@both_loops
+def test_request_head_is_the_raw_target_host_and_given_headers_only(loop: str) -> None:
+    async def scenario() -> None:
+        async with Upstream(ok) as up:
+            pool = up.pool()
+            target = "/api/v1/namespaces/x/pods?labelSelector=a%3Db&watch=0"
+            headers = [("Accept", "application/json"), ("X-Two", "1"), ("X-Two", "2")]
+            resp = await pool.request("GET", target, headers, None, read_timeout=10)
+            assert (resp.status, resp.reason, await body_of(resp)) == (200, "OK", b"{}")
+            resp = await pool.request("POST", "/api/v1/x", [], b"abc", read_timeout=10)
+            await body_of(resp)
+            resp = await pool.request("PUT", "/api/v1/x", [], None, read_timeout=10)
+            await body_of(resp)
+            await pool.close()
+            assert up.heads == [
+                f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{up.port}\r\n".encode()
+                + b"Accept: application/json\r\nX-Two: 1\r\nX-Two: 2\r\n\r\n",
+                f"POST /api/v1/x HTTP/1.1\r\nHost: 127.0.0.1:{up.port}\r\n".encode()
+                + b"Content-Length: 3\r\n\r\n",
+                f"PUT /api/v1/x HTTP/1.1\r\nHost: 127.0.0.1:{up.port}\r\n".encode()
+                + b"Content-Length: 0\r\n\r\n",
+            ]
+            assert len(up.conns) == 1  # all three on one keep-alive connection
+
+    run(loop, scenario)
+
+
+@pytest.mark.parametrize(
+    ("target", "header"),
+    [
+        ("/api/v1/pods", ("X-Evil", "a\r\nAuthorization: Bearer stolen")),
+        ("/api/v1/pods", ("X-Evil", "a\nb")),
+        ("/api/v1/pods", ("X-Evil", "a\0b")),
+        ("/api/v1/pods", ("X-Evil\r\nInjected", "1")),
+        ("/api/v1/pods", ("X-Evil: 1\r\nInjected", "1")),
+        ("/api/v1/pods HTTP/1.1\r\nX: y", ("A", "b")),
+        ("http://elsewhere/api", ("A", "b")),
+    ],
+)
+def test_line_breaks_and_nul_are_refused_before_anything_is_sent(
+    target: str, header: tuple[str, str]
+) -> None:
+    async def scenario() -> None:
+        async with Upstream(ok) as up:
+            pool = up.pool()
+            with pytest.raises(UpstreamProtocolError):
+                await pool.request("GET", target, [header], None, read_timeout=10)
+            assert (up.heads, up.conns, pool.open_connections) == ([], [], 0)
+
+    run("uvloop", scenario)
+
+
+# -- what comes back -------------------------------------------------------------------------------
+
+
+@both_loops
+def test_a_streamed_body_is_handed_on_before_the_rest_is_sent(loop: str) -> None:
+    async def scenario() -> None:
+        first_seen = asyncio.Event()
+
+        async def watch(conn: Conn, _h: bytes, _b: bytes) -> None:
+            w = conn.writer
+            w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            w.write(b"6\r\nevent1\r\n")
+            await w.drain()
+            await first_seen.wait()  # the second event exists only once the first got through
+            w.write(b"6\r\nevent2\r\n0\r\n\r\n")
+            await w.drain()
+
+        async with Upstream(watch) as up:
+            pool = up.pool()
+            resp = await get(pool)
+            got = []
+            async for chunk in resp.chunks():
+                got.append(bytes(chunk))
+                first_seen.set()
+            resp.release()
+            assert got == [b"event1", b"event2"]
+            assert pool.idle_connections == 1  # complete: kept for the next request
+            await pool.close()
+
+    run(loop, scenario)
+
+
+@both_loops
+def test_a_body_cut_short_is_an_error_and_the_connection_is_dropped(loop: str) -> None:
+    async def short(conn: Conn, _h: bytes, _b: bytes) -> None:
+        conn.writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n12345")
+        await conn.writer.drain()
+        conn.writer.close()
+
+    async def scenario() -> None:
+        async with Upstream(short) as up:
+            pool = up.pool()
+            resp = await get(pool)
+            got = bytearray()
+
+            async def drain() -> None:
+                async for chunk in resp.chunks():
+                    got.extend(chunk)
+
+            with pytest.raises(UpstreamDisconnected):
+                await drain()
+            resp.release()
+            assert got == b"12345"
+            assert (pool.open_connections, pool.idle_connections) == (0, 0)
+
+    run(loop, scenario)
+
+
+@both_loops
+def test_an_answer_until_close_is_complete_at_close(loop: str) -> None:
+    async def http10(conn: Conn, _h: bytes, _b: bytes) -> None:
+        conn.writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it")
+        await conn.writer.drain()
+        conn.writer.close()
+
+    async def scenario() -> None:
+        async with Upstream(http10) as up:
+            pool = up.pool()
+            assert await body_of(await get(pool)) == b"all of it"
+            assert pool.open_connections == 0
+
+    run(loop, scenario)
+
+
+@both_loops
+def test_informational_answers_are_skipped_and_an_unasked_switch_is_refused(loop: str) -> None:
+    async def reply(conn: Conn, head: bytes, _b: bytes) -> None:
+        if b"/switch" in head:
+            conn.writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n")
+        else:
+            conn.writer.write(b"HTTP/1.1 100 Continue\r\nX-Early: 1\r\n\r\n")
+            conn.writer.write(b"HTTP/1.1 102 Processing\r\n\r\n" + OK)
+        await conn.writer.drain()
+
+    async def scenario() -> None:
+        async with Upstream(reply) as up:
+            pool = up.pool()
+            resp = await get(pool)
+            assert resp.status == 200
+            assert "X-Early" not in resp.headers  # the 100's headers are not the answer's
+            assert resp.headers["Content-Type"] == "application/json"
+            assert await body_of(resp) == b"{}"
+            with pytest.raises(UpstreamProtocolError):
+                await get(pool, "/switch")
+            assert pool.open_connections == 0  # the switched connection is gone
+
+    run(loop, scenario)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nabc",
+        b"SPDY/3 200 OK\r\n\r\n",
+        b"HTTP/1.1 2OO OK\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nBad Header\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ],
+)
+def test_unparsable_answers_are_protocol_errors(answer: bytes) -> None:
+    async def reply(conn: Conn, _h: bytes, _b: bytes) -> None:
+        conn.writer.write(answer)
+        await conn.writer.drain()
+
+    async def scenario() -> None:
+        async with Upstream(reply) as up:
+            pool = up.pool()
+            with pytest.raises(UpstreamProtocolError):
+                await body_of(await get(pool))
+            assert pool.idle_connections == 0
+
+    run("uvloop", scenario)
+
+
+def test_a_second_answer_nobody_asked_for_retires_the_connection() -> None:
+    async def twice(conn: Conn, _h: bytes, _b: bytes) -> None:
+        conn.writer.write(OK + OK)
+        await conn.writer.drain()
+
+    async def scenario() -> None:
+        async with Upstream(twice) as up:
+            pool = up.pool()
+            resp = await get(pool)
+            assert await resp.read(100) == b"{}"
+            resp.release()
+            assert await body_of(await get(pool)) == b"{}"
+            assert len(up.conns) == 2  # the first connection was not reused
+
+    run("uvloop", scenario)
+
+
+@both_loops
+def test_head_answers_end_with_their_head(loop: str) -> None:
+    async def reply(conn: Conn, head: bytes, _b: bytes) -> None:
+        conn.writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+        if not head.startswith(b"HEAD"):
+            conn.writer.write(b"hello")
+        await conn.writer.drain()
+
+    async def scenario() -> None:
+        async with Upstream(reply) as up:
+            pool = up.pool()
+            resp = await pool.request("HEAD", "/api", [], None, read_timeout=5)
+            assert (resp.status, resp.content_length, await body_of(resp)) == (200, 5, b"")
+            assert await body_of(await get(pool)) == b"hello"
+
+    run(loop, scenario)
+
+
+# -- the pool --------------------------------------------------------------------------------------
+
+
+@both_loops
+def test_a_reused_connection_closed_under_a_get_is_retried_once_but_a_post_is_not(
+    loop: str,
+) -> None:
+    async def close_second(conn: Conn, _h: bytes, _b: bytes) -> None:
+        if conn.requests == 2:  # as an upstream whose idle timeout fired just as we wrote
+            conn.writer.transport.abort()
+            return
+        await ok(conn, _h, _b)
+
+    async def scenario() -> None:
+        async with Upstream(close_second) as up:
+            pool = up.pool()
+            assert await body_of(await get(pool)) == b"{}"
+            assert await body_of(await get(pool)) == b"{}"  # retried on connection 1
+            assert [c.requests for c in up.conns] == [2, 1]
+            # The same on connection 1 for a POST: it may have been applied, so no retry.
+            with pytest.raises(UpstreamDisconnected):
+                await pool.request("POST", "/api/v1/x", [], b"{}", read_timeout=5)
+            assert [c.requests for c in up.conns] == [2, 2]
+
+    run(loop, scenario)
+
+
+def test_a_fresh_connection_that_fails_is_not_retried() -> None:
+    async def close(conn: Conn, _h: bytes, _b: bytes) -> None:
+        conn.writer.transport.abort()
+
+    async def scenario() -> None:
+        async with Upstream(close) as up:
+            with pytest.raises(UpstreamDisconnected):
+                await get(up.pool())
+            assert len(up.conns) == 1
+
+    run("uvloop", scenario)
+
+
+@both_loops
+def test_the_limit_bounds_connections_and_waiters_are_served_in_turn(loop: str) -> None:
+    async def scenario() -> None:
+        async with Upstream(ok) as up:
+            pool = up.pool(limit=2)
+            held = [await get(pool), await get(pool)]
+            third = asyncio.ensure_future(get(pool))
+            fourth = asyncio.ensure_future(get(pool))
+            await asyncio.sleep(0)
+            assert not third.done()
+            assert pool.open_connections == 2
+            assert await body_of(held[0]) == b"{}"
+            resp3 = await third
+            assert not fourth.done()
+            held[1].release()  # body unread: this connection is closed, its slot freed
+            resp4 = await fourth
+            assert pool.open_connections == 2
+            for r in (resp3, resp4):
+                await body_of(r)
+            assert len(up.conns) == 3
+            await pool.close()
+
+    run(loop, scenario)
+
+
+def test_a_cancelled_waiter_passes_its_turn_on() -> None:
+    async def scenario() -> None:
+        async with Upstream(ok) as up:
+            pool = up.pool(limit=1)
+            held = await get(pool)
+            cancelled = asyncio.ensure_future(get(pool))
+            waiting = asyncio.ensure_future(get(pool))
+            await asyncio.sleep(0)
+            cancelled.cancel()
+            await body_of(held)
+            assert await body_of(await waiting) == b"{}"
+            assert cancelled.cancelled()
+
+    run("uvloop", scenario)
+
+
+def test_idle_connections_are_closed_after_the_keepalive_timeout() -> None:
+    async def scenario() -> None:
+        async with Upstream(ok) as up:
+            pool = up.pool(keepalive_timeout=0.05)
+            await body_of(await get(pool))
+            assert pool.idle_connections == 1
+            assert await up.closed.get() == 0  # the server sees our close
+            assert (pool.idle_connections, pool.open_connections) == (0, 0)
+
+    run("uvloop", scenario)
+
+
+@both_loops
+def test_a_reader_that_stops_stops_the_upstream_and_the_bytes_arrive_intact(loop: str) -> None:
+    payload = os.urandom(128 * HIGH_WATER)  # 32 MiB: more than the kernel buffers hold
+    blocked = asyncio.Event()
+
+    async def big(conn: Conn, _h: bytes, _b: bytes) -> None:
+        conn.writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(payload))
+        conn.writer.write(payload)
+        try:
+            await asyncio.wait_for(conn.writer.drain(), 1.0)
+        except TimeoutError:
+            blocked.set()  # our reader paused: the server could not hand over everything
+            await conn.writer.drain()
+
+    async def scenario() -> None:
+        # Plain TCP: a TLS server's drain() does not see the kernel's buffers fill up.
+        async with Upstream(big, tls=False) as up:
+            pool = up.pool()
+            resp = await get(pool)
+            await asyncio.wait_for(blocked.wait(), 10)
+            assert await body_of(resp) == payload
+
+    run(loop, scenario)
+
+
+def test_no_byte_within_the_read_timeout_is_a_timeout() -> None:
+    async def stall(conn: Conn, _h: bytes, _b: bytes) -> None:
+        conn.writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab")
+        await conn.writer.drain()
+
+    async def scenario() -> None:
+        async with Upstream(stall) as up:
+            pool = up.pool()
+            resp = await pool.request("GET", "/api", [], None, read_timeout=0.2)
+            with pytest.raises(TimeoutError):
+                await resp.read(100)
+            resp.release()
+            assert await up.closed.get() == 0
+            assert pool.open_connections == 0
+
+    run("uvloop", scenario)
+
+
+@pytest.mark.parametrize("server_hostname", [None, "localhost"])
+def test_the_upstream_certificate_is_verified(server_hostname: str | None) -> None:
+    async def scenario() -> None:
+        async with Upstream(ok) as up:
+            url = URL(f"https://127.0.0.1:{up.port}")
+            other = ssl.create_default_context(cadata=pki.make_ca("other").cert_pem)
+            with pytest.raises(UpstreamConnectError, match="certificate"):
+                await get(ConnectionPool(url, other, server_hostname=server_hostname))
+            wrong = ConnectionPool(url, client_ssl(), server_hostname="not-this.example")
+            with pytest.raises(UpstreamConnectError, match="certificate"):
+                await get(wrong)
+            right = ConnectionPool(url, client_ssl(), server_hostname=server_hostname)
+            assert await body_of(await get(right)) == b"{}"
+
+    run("uvloop", scenario)
+
+
+def test_a_refused_connection_is_a_connect_error() -> None:
+    async def scenario() -> None:
+        async with Upstream(ok) as up:
+            port = up.port
+        pool = ConnectionPool(URL(f"https://127.0.0.1:{port}"), client_ssl())
+        with pytest.raises(UpstreamConnectError, match="cannot connect"):
+            await get(pool)
+        assert pool.open_connections == 0
+
+    run("uvloop", scenario)
