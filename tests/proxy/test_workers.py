@@ -4,6 +4,7 @@ supervisor's merged metrics, reload, restarts and shutdown; the metric merge and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -53,13 +54,14 @@ class Served:
             self.events.append({"event": "unparsed", "line": line.decode(errors="replace")})
 
     def start_reading(self) -> list[asyncio.Task[None]]:
-        assert self.proc.stderr is not None and self.proc.stdout is not None
+        assert self.proc.stderr is not None
+        assert self.proc.stdout is not None
         return [
             asyncio.create_task(self._read(self.proc.stderr, self._event)),
             asyncio.create_task(self._read(self.proc.stdout, self.stdout.append)),
         ]
 
-    async def wait(self, test: Callable[[], Any], timeout: float = 30) -> Any:
+    async def wait(self, test: Callable[[], Any], within: float = 30) -> Any:
         """Wait until `test()` is truthy, re-checked on every new log or output line."""
 
         async def until() -> Any:
@@ -68,7 +70,7 @@ class Served:
                     await self.changed.wait()
                 return result
 
-        return await asyncio.wait_for(until(), timeout)
+        return await asyncio.wait_for(until(), within)
 
     def find(self, event: str, **fields: Any) -> list[dict[str, Any]]:
         return [
@@ -78,6 +80,7 @@ class Served:
         ]
 
 
+@contextlib.asynccontextmanager
 async def serve_workers(
     world: World, recorder: Recorder, tmp_path: Path, *extra: str, audit: str | None = None
 ) -> AsyncIterator[Served]:
@@ -130,10 +133,8 @@ def worker_pids(served: Served) -> set[int]:
 
 
 def _kill(pid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def alive(pid: int) -> bool:
@@ -146,7 +147,7 @@ def alive(pid: int) -> bool:
 
 @pytest.fixture
 async def served(world: World, recorder: Recorder, tmp_path: Path) -> AsyncIterator[Served]:
-    async for s in serve_workers(world, recorder, tmp_path):
+    async with serve_workers(world, recorder, tmp_path) as s:
         yield s
 
 
@@ -173,16 +174,28 @@ def audit_lines(files: Files) -> list[int]:
 
 
 async def until_audited(files: Files, total: int) -> list[int]:
-    """Audit records reach the files shortly after the answers: read until they are there."""
-    async with asyncio.timeout(20):
-        while sum(counts := audit_lines(files)) < total:
-            await asyncio.sleep(0.02)
-    return counts
+    """Audit records reach the files shortly after the answers: read until they are there
+    (another process writes them, so there is no event to await: a bounded re-read)."""
+    for _ in range(1000):
+        if sum(counts := audit_lines(files)) >= total:
+            return counts
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{total} audit records expected, {audit_lines(files)} written")
 
 
 async def scrape(port: int, path: str = "/metrics") -> tuple[int, str]:
     async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}{path}") as resp:
         return resp.status, await resp.text()
+
+
+def promtool_check(text: str) -> None:
+    """`promtool check metrics` (Debian's prometheus package), where it is installed."""
+    promtool = shutil.which("promtool")
+    if promtool is not None:
+        check = subprocess.run(
+            [promtool, "check", "metrics"], input=text, capture_output=True, text=True, check=False
+        )
+        assert check.returncode == 0, check.stdout + check.stderr
 
 
 def value(text: str, name: str, **labels: str) -> float:
@@ -217,12 +230,7 @@ async def test_two_workers_share_the_port_and_the_supervisor_merges_and_supervis
     assert value(text, "apiproxy_worker_restarts_total") == 0
     assert value(text, "apiproxy_max_watches_per_peer") == 100  # 2 x 50
     assert value(text, "apiproxy_upstream_up") == 1
-    promtool = shutil.which("promtool")
-    if promtool is not None:
-        check = subprocess.run(
-            [promtool, "check", "metrics"], input=text, capture_output=True, text=True, check=False
-        )
-        assert check.returncode == 0, check.stdout + check.stderr
+    promtool_check(text)
     assert (await scrape(served.metrics_port, "/readyz"))[0] == 200
     assert (await scrape(served.metrics_port, "/healthz"))[0] == 200
 
@@ -252,7 +260,8 @@ async def test_two_workers_share_the_port_and_the_supervisor_merges_and_supervis
 
     # SIGTERM: the supervisor stops the workers, waits for them and exits 0.
     pids = worker_pids(served)
-    assert len(pids) == 3 and all(alive(p) for p in pids - {victim})
+    assert len(pids) == 3
+    assert all(alive(p) for p in pids - {victim})
     served.proc.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(served.proc.wait(), 60) == 0
     assert not any(alive(p) for p in pids)
@@ -268,7 +277,7 @@ async def test_two_workers_share_the_port_and_the_supervisor_merges_and_supervis
 async def test_audit_to_stdout_comes_out_in_whole_records(
     world: World, recorder: Recorder, tmp_path: Path
 ) -> None:
-    async for served in serve_workers(world, recorder, tmp_path, audit="-"):
+    async with serve_workers(world, recorder, tmp_path, audit="-") as served:
         statuses = await asyncio.gather(*(get(world, tmp_path, served.port) for _ in range(30)))
         assert statuses == [200] * 30
         await served.wait(lambda: len(served.stdout) >= 30)
@@ -341,7 +350,7 @@ async def test_a_worker_that_cannot_start_stops_the_supervisor_with_its_error(
         for sock in held:
             sock.close()
     assert "\n" not in str(raised.value)
-    assert not Path(supervisor.dir).exists()
+    assert not os.path.exists(supervisor.dir)  # noqa: ASYNC240 - after the run, nothing waits
     assert all(s.proc is None for s in supervisor.slots)
 
 
@@ -395,7 +404,8 @@ def test_reserve_holds_one_port_that_reuseport_listeners_share() -> None:
             s.listen()
             listeners.append(s)
         plain = socket.socket()
-        with pytest.raises(OSError):  # a socket without SO_REUSEPORT cannot take the port
+        # a socket without SO_REUSEPORT cannot take the port
+        with pytest.raises(OSError, match="in use"):
             plain.bind(("127.0.0.1", port))
         plain.close()
         for s in listeners:
@@ -478,12 +488,7 @@ def test_merge_sums_counters_histograms_and_counts_and_takes_the_worst_state() -
     assert samples[("apiproxy_reload_failing", (("what", "policy"),))] == 1
     # one worker alone comes out as it went in
     assert workers.merge([WORKER_0]).decode().count("\napiproxy_") == WORKER_0.count("\napiproxy_")
-    promtool = shutil.which("promtool")
-    if promtool is not None:
-        check = subprocess.run(
-            [promtool, "check", "metrics"], input=text, capture_output=True, text=True, check=False
-        )
-        assert check.returncode == 0, check.stdout + check.stderr
+    promtool_check(text)
 
 
 def test_every_gauge_is_classified() -> None:
@@ -498,7 +503,8 @@ def test_every_gauge_is_classified() -> None:
         for fam in text_string_to_metric_families(metrics.render().decode())
         if fam.type == "gauge" and not fam.name.endswith("_created")
     }
-    assert "apiproxy_open_watches" in gauges and "apiproxy_audit_healthy" in gauges
+    assert "apiproxy_open_watches" in gauges
+    assert "apiproxy_audit_healthy" in gauges
     assert "process_resident_memory_bytes" in gauges or sys.platform != "linux"
     unclassified = sorted(g for g in gauges - workers.MERGE.keys() if _ours(g))
     assert unclassified == [], f"add these gauges to apiproxy.workers.MERGE: {unclassified}"
