@@ -45,7 +45,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from apiproxy import log
+from apiproxy import __version__, log
 from apiproxy import server as server_mod
 from apiproxy.errors import UserError
 
@@ -329,6 +329,8 @@ class Supervisor:
             await self._stop.wait()
             await self._shutdown(tasks)
         finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
             if self._metrics_runner is not None:
                 await self._metrics_runner.cleanup()
             shutil.rmtree(self.dir, ignore_errors=True)
@@ -528,6 +530,7 @@ def _supervise(ns: argparse.Namespace, argv: Sequence[str]) -> int:
         worker_config(config, workers=ns.workers, index=0, port=0, metrics_unix=None)
     )
     port, held = reserve(config.listen_host, config.listen_port)
+    _log.info("starting", version=__version__, workers=ns.workers)
     try:
         with asyncio.Runner() as runner:
             runner.run(Supervisor(argv, config, ns.workers, port).run())

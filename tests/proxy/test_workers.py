@@ -231,6 +231,8 @@ async def test_two_workers_share_the_port_and_the_supervisor_merges_and_supervis
     assert value(text, "apiproxy_max_watches_per_peer") == 100  # 2 x 50
     assert value(text, "apiproxy_upstream_up") == 1
     promtool_check(text)
+    # ready once both workers' first upstream probes succeeded
+    await served.wait(lambda: len(served.find("upstream_probe", reachable=True)) == 2)
     assert (await scrape(served.metrics_port, "/readyz"))[0] == 200
     assert (await scrape(served.metrics_port, "/healthz"))[0] == 200
 
@@ -257,6 +259,10 @@ async def test_two_workers_share_the_port_and_the_supervisor_merges_and_supervis
     assert value(text, "apiproxy_worker_restarts_total") == 1
     assert value(text, "apiproxy_workers") == 2
     assert await get(world, tmp_path, served.port) == 200
+    # the new worker serves its metrics (and readiness) on the socket the old one left behind
+    await served.wait(lambda: len(served.find("upstream_probe", reachable=True)) == 3)
+    status, body = await scrape(served.metrics_port, "/readyz")
+    assert (status, body.splitlines()[:2]) == (200, ["[+]worker-0 ok", "[+]worker-1 ok"])
 
     # SIGTERM: the supervisor stops the workers, waits for them and exits 0.
     pids = worker_pids(served)
