@@ -121,10 +121,10 @@ async def serve_workers(
         yield served
     finally:
         if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+            _kill(proc.pid)  # first, or it would restart the workers
         for pid in worker_pids(served):
             _kill(pid)
+        await proc.wait()  # and the workers' end of the pipes closed
         await asyncio.gather(*readers, return_exceptions=True)
 
 
@@ -290,6 +290,19 @@ async def test_audit_to_stdout_comes_out_in_whole_records(
         records = [json.loads(line) for line in served.stdout]
         assert len({r["auditID"] for r in records}) == 30
         assert all(r["responseStatus"]["code"] == 200 for r in records)
+
+
+async def test_workers_do_not_outlive_a_killed_supervisor(
+    world: World, recorder: Recorder, tmp_path: Path
+) -> None:
+    async with serve_workers(world, recorder, tmp_path) as served:
+        pids = worker_pids(served)
+        assert len(pids) == 2
+        # No chance to stop them: PR_SET_PDEATHSIG sends them SIGTERM. (Not `proc.wait()`: on
+        # Python 3.11 it also waits for the stderr pipe, which the workers hold.)
+        served.proc.kill()
+        # Each worker stops as on SIGTERM (it logs `stopped`), though nobody told it to.
+        await served.wait(lambda: {e.get("worker") for e in served.find("stopped")} == {0, 1})
 
 
 @pytest.mark.parametrize(
