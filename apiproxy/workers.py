@@ -283,9 +283,10 @@ class Supervisor:
         self.slots = [_Slot(i) for i in range(workers)]
         self.registry = CollectorRegistry(auto_describe=True)
         self.live = Gauge(
-            "apiproxy_workers", "Worker processes serving (apiproxy serve --workers).",
+            "apiproxy_workers",
+            "Worker processes serving (apiproxy serve --workers).",
             registry=self.registry,
-        )  # fmt: skip
+        )
         self.restarts = Counter(
             "apiproxy_worker_restarts",
             "Worker processes restarted after an unexpected exit.",
