@@ -274,8 +274,10 @@ class Admission:
         )
         return self._server
 
-    def site(self, runner: web.BaseRunner, host: str, port: int) -> web.BaseSite:
-        return _GateSite(runner, self, host, port)
+    def site(
+        self, runner: web.BaseRunner, host: str, port: int, *, reuse_port: bool = False
+    ) -> web.BaseSite:
+        return _GateSite(runner, self, host, port, reuse_port)
 
     # -- accept ---------------------------------------------------------------------------------
 
@@ -637,7 +639,7 @@ class _Listener:
                 sock.close()
 
 
-def _bind(host: str, port: int, backlog: int) -> list[socket.socket]:
+def _bind(host: str, port: int, backlog: int, reuse_port: bool = False) -> list[socket.socket]:
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     sockets: list[socket.socket] = []
     seen: set[tuple[Any, ...]] = set()
@@ -649,6 +651,8 @@ def _bind(host: str, port: int, backlog: int) -> list[socket.socket]:
             sock = socket.socket(family, kind, proto)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:  # several worker processes on one port; the kernel spreads accepts
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(addr)
@@ -662,13 +666,21 @@ def _bind(host: str, port: int, backlog: int) -> list[socket.socket]:
 
 
 class _GateSite(web.BaseSite):
-    __slots__ = ("_admission", "_host", "_port")
+    __slots__ = ("_admission", "_host", "_port", "_reuse_port")
 
-    def __init__(self, runner: web.BaseRunner, admission: Admission, host: str, port: int) -> None:
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        admission: Admission,
+        host: str,
+        port: int,
+        reuse_port: bool = False,
+    ) -> None:
         super().__init__(runner, backlog=admission.limits.backlog)
         self._admission = admission
         self._host = host
         self._port = port
+        self._reuse_port = reuse_port
 
     @property
     def name(self) -> str:
@@ -676,7 +688,7 @@ class _GateSite(web.BaseSite):
 
     async def start(self) -> None:
         await super().start()
-        sockets = _bind(self._host, self._port, self._backlog)
+        sockets = _bind(self._host, self._port, self._backlog, self._reuse_port)
         self._server = _Listener(sockets, self._admission)  # type: ignore[assignment]
 
     async def stop(self) -> None:

@@ -89,6 +89,10 @@ class ServeConfig:
     max_request_line_bytes: int = 16 * 1024
     max_header_bytes: int = 16 * 1024
     max_headers: int = 64
+    # Several worker processes (apiproxy/workers.py): every worker binds the listening socket
+    # with SO_REUSEPORT and serves its metrics on a Unix socket for the supervisor to merge.
+    reuse_port: bool = False
+    metrics_unix: str | None = None
 
 
 class ProxyServer:
@@ -217,10 +221,12 @@ class ProxyServer:
         server = self.admission.server(self._handle)
         self._runner = web.ServerRunner(server, shutdown_timeout=c.shutdown_grace_seconds)
         await self._runner.setup()
-        site = self.admission.site(self._runner, c.listen_host, c.listen_port)
+        site = self.admission.site(
+            self._runner, c.listen_host, c.listen_port, reuse_port=c.reuse_port
+        )
         await site.start()
         self.port = self._runner.addresses[0][1]
-        if c.metrics_listen is not None:
+        if c.metrics_listen is not None or c.metrics_unix is not None:
             app = web.Application()
             app.router.add_get("/healthz", self._healthz)
             app.router.add_get("/livez", self._healthz)
@@ -228,9 +234,12 @@ class ProxyServer:
             app.router.add_get("/metrics", self._metrics)
             self._metrics_runner = web.AppRunner(app, access_log=None)
             await self._metrics_runner.setup()
-            msite = web.TCPSite(self._metrics_runner, c.metrics_listen[0], c.metrics_listen[1])
-            await msite.start()
-            self.metrics_port = self._metrics_runner.addresses[0][1]
+            if c.metrics_listen is not None:
+                host, port = c.metrics_listen
+                await web.TCPSite(self._metrics_runner, host, port).start()
+                self.metrics_port = self._metrics_runner.addresses[0][1]
+            if c.metrics_unix is not None:
+                await web.UnixSite(self._metrics_runner, c.metrics_unix).start()
         self._probe_task = asyncio.create_task(self._probe_loop(), name="apiproxy-upstream-probe")
         if c.memory_trim_interval_seconds > 0 and memory.CAN_TRIM:
             self._trim_task = asyncio.create_task(self._trim_loop(), name="apiproxy-memory-trim")
@@ -618,8 +627,25 @@ def build_parser(prog: str) -> flags.Parser:
         default="64",
         type=flags.number(minimum=16),
     )
+    p.option(
+        "--workers",
+        f"worker processes sharing the port (SO_REUSEPORT), 1 to {MAX_WORKERS}; "
+        "per-peer limits are divided among them (docs/operations.md)",
+        default="1",
+        type=_workers,
+    )
     p.log_options()
     return p
+
+
+MAX_WORKERS = 64
+
+
+def _workers(value: str, flag: str) -> int:
+    n: int = flags.number()(value, flag)
+    if n > MAX_WORKERS:
+        raise UserError(f"{flag}: {value!r} is more than {MAX_WORKERS}")
+    return n
 
 
 def _canonical_uuid(value: str, flag: str) -> str:
@@ -675,7 +701,11 @@ def config_from_args(ns: argparse.Namespace) -> ServeConfig:
     )
 
 
-async def serve(config: ServeConfig, ready: asyncio.Event | None = None) -> None:
+async def serve(
+    config: ServeConfig,
+    ready: asyncio.Event | None = None,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
     server = ProxyServer(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -687,6 +717,8 @@ async def serve(config: ServeConfig, ready: asyncio.Event | None = None) -> None
     await server.start()
     if ready is not None:
         ready.set()
+    if on_ready is not None:
+        on_ready()
     try:
         await stop.wait()
     finally:
@@ -704,7 +736,16 @@ def _runner_loop_factory() -> Any:
 def main(argv: Sequence[str], prog: str = "apiproxy serve") -> int:
     ns = build_parser(prog).parse_args(list(argv))
     log.configure(ns.log_format, ns.log_level)
-    config = config_from_args(ns)
+    if ns.workers > 1:
+        from apiproxy import workers  # the supervisor, or one of its workers
+
+        return workers.main(ns, argv)
+    run(config_from_args(ns))
+    return 0
+
+
+def run(config: ServeConfig, on_ready: Callable[[], None] | None = None) -> None:
+    """Serve `config` in this process until SIGTERM/SIGINT; OS errors are UserErrors."""
     try:
         socket.getaddrinfo(config.listen_host, config.listen_port)
     except OSError:
@@ -713,10 +754,17 @@ def main(argv: Sequence[str], prog: str = "apiproxy serve") -> int:
     memory.tune_malloc()  # before the first connection allocates its TLS buffers
     try:
         with asyncio.Runner(loop_factory=_runner_loop_factory()) as runner:
-            runner.run(serve(config))
+            runner.run(serve(config, on_ready=on_ready))
     except OSError as exc:
         raise UserError(f"cannot serve: {exc.strerror or exc}") from None
-    return 0
 
 
-__all__ = ["ProxyServer", "ServeConfig", "build_parser", "config_from_args", "main", "serve"]
+__all__ = [
+    "ProxyServer",
+    "ServeConfig",
+    "build_parser",
+    "config_from_args",
+    "main",
+    "run",
+    "serve",
+]

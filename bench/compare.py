@@ -54,8 +54,6 @@ from bench.run import (
     Contender,
     free_port,
     machine,
-    memory,
-    reset_peak,
     say,
     spread,
     wait_http,
@@ -66,6 +64,8 @@ GO_SRC = ROOT / "bench" / "goproxy"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "apiproxy"
 LIST_PATH = "/api/v1/pods"
 ORDER = ("direct", "nginx", "go", "go+jwt", "apiproxy")
+# Contenders run only when named in --contenders: apiproxy-w2 is `apiproxy serve --workers 2`.
+OPTIONAL = ("apiproxy-w2",)
 
 
 @dataclass(frozen=True)
@@ -112,12 +112,36 @@ class Hop:
     watch_pid: int | None
 
 
+def tree(pid: int) -> list[int]:
+    """A hop's process and its children: `apiproxy serve --workers` does its work in children
+    (every other hop's measured process has none)."""
+    return [pid, *base.children(pid)]
+
+
 def cpu_seconds(pid: int | None) -> float:
-    """User + system CPU time of a process, all its threads (proc(5): stat fields 14 and 15)."""
+    """User + system CPU time of a process and its children, all threads (proc(5): stat fields
+    14 and 15)."""
     if pid is None:
         return 0.0
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = 0
+    for p in tree(pid):
+        fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def memory(pid: int) -> dict[str, int]:
+    """bench.run.memory summed over the process and its children."""
+    out: dict[str, int] = {}
+    for p in tree(pid):
+        for key, value in base.memory(p).items():
+            out[key] = out.get(key, 0) + value
+    return out
+
+
+def reset_peak(pid: int) -> bool:
+    done = [base.reset_peak(p) for p in tree(pid)]  # every one, not up to the first refusal
+    return all(done)
 
 
 # ------------------------------------------------------------------------------------- fixtures
@@ -394,9 +418,12 @@ class Compare(base.Bench):
         wait_http(urls[0], self.jwt)
         self.hops.append(Hop(Contender(name, urls[0], self.jwt, pids[0]), urls[1], pids[1]))
 
-    def start_apiproxy_hop(self, name: str = "apiproxy", code: Path | None = None) -> None:
+    def start_apiproxy_hop(
+        self, name: str = "apiproxy", code: Path | None = None, extra: Sequence[str] = ()
+    ) -> None:
         """apiproxy from this checkout, or (`code`: a folder holding another version's
-        `apiproxy/` package) from there, for same-run before/after comparisons."""
+        `apiproxy/` package) from there, for same-run before/after comparisons; `extra`: more
+        flags (apiproxy-w2: --workers=2)."""
         w = self.work
         # `python -m` puts its working directory first on sys.path, ahead of PYTHONPATH: the
         # other version's folder must be the working directory, or this checkout's code runs.
@@ -423,6 +450,7 @@ class Compare(base.Bench):
                 "--max-watches-per-peer=100000",
                 "--max-requests-per-peer=10000",
                 "--log-format=json",
+                *extra,
             ]
             child = Child(f"{name}-{i}", argv, base.HOP_CPUS, w / f"{name}-{i}.log", cwd=cwd)
             self.children.append(child)
@@ -443,6 +471,14 @@ class Compare(base.Bench):
             self.start_apiproxy_hop("apiproxy-base", baseline)
         if "apiproxy" in names:
             self.start_apiproxy_hop()
+        if "apiproxy-w2" in names:
+            self.start_apiproxy_hop("apiproxy-w2", extra=("--workers=2",))
+            if base.HOP_CPUS is not None and len(base.HOP_CPUS) < 2:
+                self.notes.append(
+                    "apiproxy-w2 shares the hop CPUs with its two workers like every hop: on "
+                    f"{len(base.HOP_CPUS)} CPU it shows what the workers cost, not what they gain"
+                    " (--no-pin on a machine with spare cores for that)"
+                )
         self.contenders = [h.contender for h in self.hops]
         self.watch_side = {h.contender.name: h for h in self.hops}
 
@@ -789,7 +825,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--repeats", type=int, help="override the repeats")
     parser.add_argument(
-        "--contenders", default=",".join(ORDER[1:]), help="hops to run (direct always runs)"
+        "--contenders",
+        default=",".join(ORDER[1:]),
+        help=f"hops to run (direct always runs; also: {', '.join(OPTIONAL)})",
     )
     parser.add_argument(
         "--baseline",
