@@ -13,7 +13,7 @@ import contextlib
 import signal
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -227,11 +227,7 @@ class ProxyServer:
         await site.start()
         self.port = self._runner.addresses[0][1]
         if c.metrics_listen is not None or c.metrics_unix is not None:
-            app = web.Application()
-            app.router.add_get("/healthz", self._healthz)
-            app.router.add_get("/livez", self._healthz)
-            app.router.add_get("/readyz", self._readyz)
-            app.router.add_get("/metrics", self._metrics)
+            app = probe_app(healthz=self._healthz, readyz=self._readyz, metrics=self._metrics)
             self._metrics_runner = web.AppRunner(app, access_log=None)
             await self._metrics_runner.setup()
             if c.metrics_listen is not None:
@@ -494,6 +490,19 @@ class ProxyServer:
             ex.forbid("protocol upgrade refused: no rule marked dangerous allows it")
             return self.recorder.forbidden(ex, ": protocol upgrades need a dangerous rule")
         return None
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def probe_app(*, healthz: Handler, readyz: Handler, metrics: Handler) -> web.Application:
+    """The --metrics-listen endpoints (one process's, or the workers' supervisor's)."""
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/livez", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app
 
 
 def _named_resources(policy: Policy) -> frozenset[str]:

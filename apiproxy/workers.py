@@ -472,11 +472,9 @@ class Supervisor:
     # -- metrics and health ----------------------------------------------------------------------
 
     async def _start_metrics(self, host: str, port: int) -> None:
-        app = web.Application()
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/livez", self._healthz)
-        app.router.add_get("/readyz", self._readyz)
-        app.router.add_get("/metrics", self._metrics)
+        app = server_mod.probe_app(
+            healthz=self._healthz, readyz=self._readyz, metrics=self._metrics
+        )
         self._metrics_runner = web.AppRunner(app, access_log=None)
         await self._metrics_runner.setup()
         await web.TCPSite(self._metrics_runner, host, port).start()
