@@ -33,11 +33,10 @@ import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-# Buffered body bytes above which the upstream socket stops being read (back-pressure to the
-# upstream's TCP window) and below which it resumes.
 READ_BUFFER = 64 * 1024  # what the loop may read at once (TLS records are at most 16 KiB)
+# Buffered body bytes above which the upstream socket stops being read (back-pressure to the
+# upstream's TCP window) until the reader has taken them.
 HIGH_WATER = 256 * 1024
-LOW_WATER = 64 * 1024
 _BAD_HEADER_BYTES = ("\r", "\n", "\0")
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "DELETE", "CONNECT"})
 
@@ -236,8 +235,9 @@ class _Connection(asyncio.BufferedProtocol):
             self.head_done.set_exception(exc)
         self.close()
 
-    def drained(self, size: int) -> None:
-        if self.paused and size < LOW_WATER and self.transport is not None and not self.closed:
+    def drained(self) -> None:
+        """The reader took everything buffered: read from the upstream again."""
+        if self.paused and self.transport is not None and not self.closed:
             self.paused = False
             self.transport.resume_reading()
 
@@ -283,7 +283,9 @@ class UpstreamResponse:
     @property
     def content_length(self) -> int | None:
         value = self._r.headers.get("Content-Length")
-        return int(value) if value is not None and value.isdigit() else None
+        if value is None or not (value.isascii() and value.isdigit()):
+            return None
+        return int(value)
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives: at each wake-up, everything that came in since, joined.
@@ -297,7 +299,7 @@ class UpstreamResponse:
                 data = r.body.popleft() if len(r.body) == 1 else b"".join(r.body)
                 r.body.clear()
                 r.body_size = 0
-                conn.drained(0)
+                conn.drained()
                 yield data
                 continue
             if r.complete:

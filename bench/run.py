@@ -459,7 +459,8 @@ class Bench:
             c.stop()
 
     def client(self, c: Contender, mode: str, *extra: str) -> Child:
-        argv = [self.py, "-m", "bench.client", mode, "--url", c.url, "--token", c.token]
+        # --token=VALUE: a token may begin with "-" (token_urlsafe), which argparse reads as a flag.
+        argv = [self.py, "-m", "bench.client", mode, "--url", c.url, f"--token={c.token}"]
         if c.url.startswith("https:"):
             argv += ["--ca", str(self.ca_file)]
         return self.spawn(f"client-{mode}-{c.name}", [*argv, *extra], REST_CPUS)
