@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import ssl
 from pathlib import Path
 
@@ -14,12 +15,14 @@ import pytest
 from apiproxy import pki
 from tests.proxy.conftest import (
     OWN_UUID,
+    POLICY,
     POLICY_NO_ENDPOINTS,
     UUID_A,
     ProxyFactory,
     Recorder,
     World,
     audit_records,
+    make_files,
 )
 
 
@@ -541,3 +544,41 @@ async def test_two_authorization_headers_are_refused(
         )
         == 2
     )
+
+
+async def test_large_bodies_cross_both_ways_byte_for_byte(
+    world: World, recorder: Recorder, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """Both sides read TLS into one buffer shared by every connection (admission._BufferedReads,
+    upstream_client): bodies many times that buffer, from several connections at once, must come
+    through intact in both directions."""
+    policy = POLICY + (
+        "- name: write-configmaps\n"
+        '  peers: ["*"]\n'
+        '  apiGroups: [""]\n'
+        "  resources: [configmaps]\n"
+        "  verbs: [create]\n"
+        "  dangerous: true\n"
+    )
+    files = make_files(world, tmp_path, policy=policy)
+    proxy, _ = await make_proxy(recorder.url, files=files)
+    recorder.list_body = os.urandom(5 * 1024 * 1024 + 7)
+    sent = [os.urandom(900 * 1024 + i) for i in range(3)]  # the recorder takes up to 1 MiB
+    async with session(world, tmp_path, world.client_a) as s:
+
+        async def post(body: bytes) -> int:
+            url = proxy.url + "/api/v1/namespaces/x/configmaps"
+            async with s.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
+                await r.read()
+                return r.status
+
+        async def get() -> bytes:
+            async with s.get(proxy.url + "/api/v1/namespaces/x/pods") as r:
+                assert r.status == 200
+                return await r.read()
+
+        results = await asyncio.gather(*(post(b) for b in sent), get(), get())
+    assert results[:3] == [200, 200, 200]
+    assert results[3:] == [recorder.list_body, recorder.list_body]
+    received = sorted((r.body for r in recorder.requests if r.method == "POST"), key=len)
+    assert received == sent
