@@ -547,9 +547,10 @@ def main(ns: argparse.Namespace, argv: Sequence[str]) -> int:
         return _supervise(ns, argv)
     try:
         spec = json.loads(raw)
-        assert isinstance(spec, dict)
-    except (ValueError, AssertionError):
-        raise UserError(f"{INTERNAL_ENV}: not set by an apiproxy supervisor") from None
+    except ValueError:
+        spec = None
+    if not isinstance(spec, dict):  # not an assert: python -O must refuse it too
+        raise UserError(f"{INTERNAL_ENV}: not set by an apiproxy supervisor")
     return _run_worker(ns, spec)
 
 

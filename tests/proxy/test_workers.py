@@ -327,8 +327,13 @@ def test_bad_worker_counts_are_one_line(
     args: list[str],
     message: str,
 ) -> None:
-    files = make_files(world, tmp_path)
-    argv = [
+    assert cli.main(["serve", *_serve_argv(make_files(world, tmp_path), *args)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"apiproxy serve: error: {message}"
+
+
+def _serve_argv(files: Files, *args: str) -> list[str]:
+    return [
         f"--tls-cert={files.tls_cert}",
         f"--tls-key={files.tls_key}",
         f"--peers={files.peers}",
@@ -338,9 +343,22 @@ def test_bad_worker_counts_are_one_line(
         "--listen=127.0.0.1:0",
         *args,
     ]
+
+
+@pytest.mark.parametrize("spec", ["[]", "not json", '"index"'])
+def test_a_worker_spec_not_from_a_supervisor_is_refused(
+    world: World,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    spec: str,
+) -> None:
+    monkeypatch.setenv(workers.INTERNAL_ENV, spec)
+    argv = _serve_argv(make_files(world, tmp_path), "--workers", "2")
     assert cli.main(["serve", *argv]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"apiproxy serve: error: {message}"
+    why = "not set by an apiproxy supervisor"
+    assert err == f"apiproxy serve: error: {workers.INTERNAL_ENV}: {why}"
 
 
 async def test_a_worker_that_cannot_start_stops_the_supervisor_with_its_error(
