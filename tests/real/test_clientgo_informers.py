@@ -71,7 +71,8 @@ def _wait_established(kube: KubeCluster, name: str) -> None:
     with urllib.request.urlopen(req, context=kube.ssl_context(), timeout=40) as resp:  # noqa: S310
         for line in resp:
             obj = json.loads(line)["object"]
-            conditions = obj.get("status", {}).get("conditions", [])
+            # A CRD just created may carry `conditions: null` in its first event.
+            conditions = (obj.get("status") or {}).get("conditions") or []
             if any(c["type"] == "Established" and c["status"] == "True" for c in conditions):
                 return
     raise AssertionError(f"CRD {name} was not Established within 30 s")

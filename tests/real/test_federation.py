@@ -146,7 +146,7 @@ class Side:
         return dict(self.kube.ok("GET", f"{IMC}/{name}"))
 
     def condition(self, peer: str, ctype: str) -> dict[str, Any]:
-        for c in self.imc(peer).get("status", {}).get("conditions", []):
+        for c in (self.imc(peer).get("status") or {}).get("conditions") or []:
             if c["type"] == ctype:
                 return dict(c)
         raise AssertionError(f"{self.name}: no {ctype} condition on {peer}")

@@ -636,7 +636,7 @@ class Churn:
             key = self._pick()
             obj = objects[key].obj()
             ts = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            for c in obj.get("status", {}).get("conditions", []):
+            for c in (obj.get("status") or {}).get("conditions") or []:
                 if c.get("type") == "Ready":
                     c["status"] = "False" if c["status"] == "True" else "True"
                     c["lastTransitionTime"] = ts
