@@ -193,7 +193,6 @@ class EventCounter:
 @dataclass
 class PoolLimits:
     total: int = 1000
-    per_host: int = 0  # 0: no per-host cap beyond `total`
     connect_timeout: float = 10.0
     keepalive_timeout: float = 60.0
 
@@ -230,11 +229,6 @@ class UpstreamPool:
     def ssl_context(self) -> ssl.SSLContext | bool:
         """The upstream TLS context (False: plain HTTP), for connections outside the pool."""
         return self._ssl
-
-    @property
-    def requests(self) -> ConnectionPool:
-        assert self._requests is not None, "UpstreamPool.start() not called"
-        return self._requests
 
     async def close(self) -> None:
         for p in (self._requests, self._watches):

@@ -17,7 +17,7 @@ import os
 import ssl
 import tempfile
 from collections.abc import MutableMapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,15 +86,6 @@ class UpstreamConfig:
     client_cert_pem: str | None = None
     client_key_pem: str | None = None
     source: str = "flags"
-    # (url, "scheme://host:port/prefix") computed once per `url` object, for `target`.
-    _base: tuple[URL, str] | None = field(default=None, repr=False, compare=False)
-
-    def target(self, raw_target: str) -> URL:
-        """The upstream URL for a raw request-target, byte for byte (no re-encoding)."""
-        base = self._base
-        if base is None or base[0] is not self.url:
-            base = self._base = (self.url, str(self.url.origin()) + self.url.raw_path.rstrip("/"))
-        return URL(base[1] + raw_target, encoded=True)
 
     def request_target(self, raw_target: str) -> str:
         """The origin-form request-target upstream (the URL's path prefix, then the raw target
