@@ -112,8 +112,6 @@ class _Connection(asyncio.BufferedProtocol):
         self.used = 0  # answers read so far (0: a fresh connection)
         self.idle_since = 0.0
         self.idle_timer: asyncio.TimerHandle | None = None
-        self._field = ""
-        self._value = ""
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -175,21 +173,13 @@ class _Connection(asyncio.BufferedProtocol):
         self.response.reason += status.decode("utf-8", "surrogateescape")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # llhttp may split a name or a value across calls when a header spans TCP segments.
-        if name:
-            if self._value:
-                self._flush_header()
-            self._field += name.decode("utf-8", "surrogateescape")
-        self._value += value.decode("utf-8", "surrogateescape")
-
-    def _flush_header(self) -> None:
-        if self._field:
-            assert self.response is not None
-            self.response.headers.add(self._field, self._value)
-        self._field = self._value = ""
+        # httptools joins a name or value split across reads before it calls this.
+        assert self.response is not None
+        self.response.headers.add(
+            name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")
+        )
 
     def on_headers_complete(self) -> None:
-        self._flush_header()
         r = self.response
         assert r is not None
         r.status = self.parser.get_status_code()

@@ -28,6 +28,8 @@ from apiproxy.upstream_client import (
     UpstreamDisconnected,
     UpstreamProtocolError,
     UpstreamResponse,
+    _Connection,
+    _Response,
 )
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
@@ -512,3 +514,73 @@ def test_a_refused_connection_is_a_connect_error() -> None:
         assert pool.open_connections == 0
 
     run("uvloop", scenario)
+
+
+# -- the parser, fed at every split ----------------------------------------------------------------
+
+ANSWER = (
+    b"HTTP/1.1 100 Continue\r\nX-Early: 1\r\n\r\n"
+    b"HTTP/1.1 200 Fine Thanks\r\nContent-Type: application/json\r\n"
+    b"X-Long-Header-Name: a value, with more\r\nX-Two: 1\r\nX-Two: 2\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n3\r\nefg\r\n0\r\n\r\n"
+)
+
+
+def feed_split(data: bytes, at: int) -> tuple[_Response, _Connection]:
+    loop = asyncio.new_event_loop()
+    try:
+        conn = _Connection(loop, memoryview(bytearray(16)))
+        conn.response = r = _Response()
+        conn.head_done = loop.create_future()
+        conn.data_received(data[:at])
+        conn.data_received(data[at:])
+        assert conn.head_done.done()
+        return r, conn
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize("at", range(len(ANSWER) + 1))
+def test_an_answer_split_anywhere_parses_the_same(at: int) -> None:
+    """TCP and TLS may cut an answer anywhere, inside a header name or value too."""
+    r, conn = feed_split(ANSWER, at)
+    assert (r.status, r.reason, r.complete, r.error) == (200, "Fine Thanks", True, None)
+    assert list(r.headers.items()) == [
+        ("Content-Type", "application/json"),
+        ("X-Long-Header-Name", "a value, with more"),
+        ("X-Two", "1"),
+        ("X-Two", "2"),
+        ("Transfer-Encoding", "chunked"),
+    ]
+    assert b"".join(r.body) == b"abcdefg"
+    assert conn.reusable
+
+
+@both_loops
+def test_connection_close_and_bodiless_answers_decide_reuse(loop: str) -> None:
+    async def reply(conn: Conn, head: bytes, _b: bytes) -> None:
+        if b"/close" in head:
+            conn.writer.write(
+                b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}"
+            )
+        elif b"/204" in head:
+            conn.writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        elif b"/304" in head:
+            conn.writer.write(b'HTTP/1.1 304 Not Modified\r\nETag: "x"\r\n\r\n')
+        else:
+            conn.writer.write(OK)
+        await conn.writer.drain()
+
+    async def scenario() -> None:
+        async with Upstream(reply) as up:
+            pool = up.pool()
+            for target in ("/204", "/304", "/ok"):  # no length needed: one connection for all
+                await body_of(await get(pool, target))
+            assert (len(up.conns), pool.idle_connections) == (1, 1)
+            assert await body_of(await get(pool, "/close")) == b"{}"
+            assert (pool.open_connections, pool.idle_connections) == (0, 0)
+            assert await up.closed.get() == 0  # the upstream said close: the connection is gone
+            await body_of(await get(pool, "/ok"))
+            assert len(up.conns) == 2
+
+    run(loop, scenario)
