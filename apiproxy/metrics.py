@@ -13,6 +13,9 @@ from prometheus_client import (
     generate_latest,
 )
 
+# What generate_latest writes: the Prometheus text format 0.0.4.
+EXPOSITION_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
 # Resource names metrics may carry as labels (plus those the policy names): a bounded set.
 KNOWN_RESOURCES = frozenset(
     [

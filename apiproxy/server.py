@@ -40,7 +40,7 @@ from apiproxy.errors import UserError
 from apiproxy.exchange import EndReason, Exchange, Recorder
 from apiproxy.forward import ForwardContext, ForwardLimits, PoolLimits, UpstreamPool, is_upgrade
 from apiproxy.limits import PeerLimits
-from apiproxy.metrics import Metrics
+from apiproxy.metrics import EXPOSITION_CONTENT_TYPE, Metrics
 from apiproxy.policy import Policy
 from apiproxy.reload import FileWatcher
 from apiproxy.request import RequestRejected, classify
@@ -410,7 +410,7 @@ class ProxyServer:
     async def _metrics(self, _request: web.Request) -> web.Response:
         return web.Response(
             body=self.metrics.render(),
-            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+            headers={"Content-Type": EXPOSITION_CONTENT_TYPE},
         )
 
     # -- requests: the pipeline ----------------------------------------------------------------

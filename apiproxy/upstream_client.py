@@ -154,12 +154,6 @@ class _Connection(asyncio.BufferedProtocol):
         if self.head_done is not None and not self.head_done.done():
             self.head_done.set_exception(UpstreamDisconnected("the upstream closed the connection"))
 
-    def pause_writing(self) -> None:  # request bodies are small and written at once
-        pass
-
-    def resume_writing(self) -> None:
-        pass
-
     # -- llhttp callbacks -----------------------------------------------------------------------
 
     def on_message_begin(self) -> None:

@@ -48,6 +48,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from apiproxy import __version__, log
 from apiproxy import server as server_mod
 from apiproxy.errors import UserError
+from apiproxy.metrics import EXPOSITION_CONTENT_TYPE
 
 _log = log.get_logger("apiproxy.workers")
 
@@ -57,7 +58,6 @@ BACKOFF_FIRST = 0.5  # seconds before the first restart of a worker, doubled eac
 BACKOFF_MAX = 30.0
 STABLE_SECONDS = 60.0  # a worker that served this long starts again from BACKOFF_FIRST
 SCRAPE_TIMEOUT = 5.0
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # How each gauge a worker exports is merged across workers. Counters and histograms are summed;
 # `*_created` series take the earliest. A gauge missing here would be summed: the test
@@ -519,7 +519,7 @@ class Supervisor:
         answers = await asyncio.gather(*(self._get(s, "/metrics") for s in self.slots))
         texts = [a[1] for a in answers if a is not None and a[0] == 200]
         body = merge(texts) + generate_latest(self.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+        return web.Response(body=body, headers={"Content-Type": EXPOSITION_CONTENT_TYPE})
 
 
 def _supervise(ns: argparse.Namespace, argv: Sequence[str]) -> int:
