@@ -51,6 +51,7 @@ from apiproxy.upstream_client import UpstreamClientError
 
 _log = log.get_logger("apiproxy.server")
 MiB = 1024 * 1024
+PROBE_READ_SECONDS = 5.0  # the readiness probe's wait for each read of the upstream's answer
 
 
 @dataclass
@@ -349,8 +350,12 @@ class ProxyServer:
         headers: CIMultiDict[str] = CIMultiDict()
         self.upstream.authorize(headers)
         try:
-            async with asyncio.timeout(self.config.upstream_timeout_seconds):
-                resp = await self.pool.send("GET", "/version", headers, None, read_timeout=5.0)
+            # Connecting gets its own timeout; the answer must then come within the probe's.
+            deadline = self.config.upstream_connect_timeout_seconds + PROBE_READ_SECONDS
+            async with asyncio.timeout(deadline):
+                resp = await self.pool.send(
+                    "GET", "/version", headers, None, read_timeout=PROBE_READ_SECONDS
+                )
                 try:
                     await resp.read(MiB)  # a body cut short fails the probe, not the probe loop
                 finally:
