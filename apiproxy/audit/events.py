@@ -24,7 +24,12 @@ LEVEL: Final = "Metadata"
 
 STAGE_RESPONSE_STARTED: Final = "ResponseStarted"
 STAGE_RESPONSE_COMPLETE: Final = "ResponseComplete"
-STAGES: Final = frozenset({STAGE_RESPONSE_STARTED, STAGE_RESPONSE_COMPLETE})
+STAGES: Final = frozenset({STAGE_RESPONSE_STARTED, STAGE_RESPONSE_COMPLETE})  # what we write
+# Stages kube-apiserver writes too; `audit summarize`/`report` read its logs as well.
+STAGE_REQUEST_RECEIVED: Final = "RequestReceived"
+STAGE_PANIC: Final = "Panic"
+# A request's last record: it is over, whichever way it ended.
+FINAL_STAGES: Final = frozenset({STAGE_RESPONSE_COMPLETE, STAGE_PANIC})
 
 # Annotation keys: every key the proxy writes (listed in docs/audit.md).
 DECISION: Final = "authorization.k8s.io/decision"
@@ -265,9 +270,12 @@ __all__ = [
     "EXTRA_CERT_SUBJECT",
     "EXTRA_CLUSTER_UUID",
     "EXTRA_TOKEN_SUBJECT",
+    "FINAL_STAGES",
     "PEER_GROUP",
     "REASON",
     "RULE",
+    "STAGE_PANIC",
+    "STAGE_REQUEST_RECEIVED",
     "STAGE_RESPONSE_COMPLETE",
     "STAGE_RESPONSE_STARTED",
     "STREAM_DURATION",
