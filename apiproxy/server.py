@@ -13,7 +13,7 @@ import contextlib
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +39,7 @@ from apiproxy.authn import AuthnFailure, authenticate
 from apiproxy.errors import UserError
 from apiproxy.exchange import EndReason, Exchange, Recorder
 from apiproxy.forward import ForwardContext, ForwardLimits, PoolLimits, UpstreamPool, is_upgrade
+from apiproxy.httpserver import probe_server
 from apiproxy.limits import PeerLimits
 from apiproxy.metrics import EXPOSITION_CONTENT_TYPE, Metrics
 from apiproxy.policy import Policy
@@ -148,7 +149,7 @@ class ProxyServer:
             ),
         )
         self._runner: web.ServerRunner | None = None
-        self._metrics_runner: web.AppRunner | None = None
+        self._metrics_runner: web.ServerRunner | None = None
         self._probe_task: asyncio.Task[None] | None = None
         self._trim_task: asyncio.Task[None] | None = None
         self.upstream_ok: bool | None = None
@@ -228,8 +229,8 @@ class ProxyServer:
         await site.start()
         self.port = self._runner.addresses[0][1]
         if c.metrics_listen is not None or c.metrics_unix is not None:
-            app = probe_app(healthz=self._healthz, readyz=self._readyz, metrics=self._metrics)
-            self._metrics_runner = web.AppRunner(app, access_log=None)
+            probes = probe_server(healthz=self._healthz, readyz=self._readyz, metrics=self._metrics)
+            self._metrics_runner = web.ServerRunner(probes)
             await self._metrics_runner.setup()
             if c.metrics_listen is not None:
                 host, port = c.metrics_listen
@@ -384,7 +385,7 @@ class ProxyServer:
             await asyncio.sleep(self.config.memory_trim_interval_seconds)
             memory.release_free_memory()
 
-    async def _healthz(self, _request: web.Request) -> web.Response:
+    async def _healthz(self, _request: web.BaseRequest) -> web.Response:
         return web.Response(text="ok\n")
 
     def readiness(self) -> dict[str, bool]:
@@ -396,7 +397,7 @@ class ProxyServer:
             "serving": not self.stopping,
         }
 
-    async def _readyz(self, _request: web.Request) -> web.Response:
+    async def _readyz(self, _request: web.BaseRequest) -> web.Response:
         checks = self.readiness()
         ok = all(checks.values())
         body = "".join(
@@ -412,7 +413,7 @@ class ProxyServer:
             status=200 if ok else 503, text=body + ("ok\n" if ok else "not ready\n")
         )
 
-    async def _metrics(self, _request: web.Request) -> web.Response:
+    async def _metrics(self, _request: web.BaseRequest) -> web.Response:
         return web.Response(
             body=self.metrics.render(),
             headers={"Content-Type": EXPOSITION_CONTENT_TYPE},
@@ -495,19 +496,6 @@ class ProxyServer:
             ex.forbid("protocol upgrade refused: no rule marked dangerous allows it")
             return self.recorder.forbidden(ex, ": protocol upgrades need a dangerous rule")
         return None
-
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def probe_app(*, healthz: Handler, readyz: Handler, metrics: Handler) -> web.Application:
-    """The --metrics-listen endpoints (one process's, or the workers' supervisor's)."""
-    app = web.Application()
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/livez", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
-    return app
 
 
 def _named_resources(policy: Policy) -> frozenset[str]:

@@ -48,6 +48,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from apiproxy import __version__, log
 from apiproxy import server as server_mod
 from apiproxy.errors import UserError
+from apiproxy.httpserver import probe_server
 from apiproxy.metrics import EXPOSITION_CONTENT_TYPE
 
 _log = log.get_logger("apiproxy.workers")
@@ -307,7 +308,7 @@ class Supervisor:
         self._stop = asyncio.Event()
         self._all_started = asyncio.Event()
         self._out_lock = asyncio.Lock()
-        self._metrics_runner: web.AppRunner | None = None
+        self._metrics_runner: web.ServerRunner | None = None
 
     def socket_path(self, index: int) -> str | None:
         if self.config.metrics_listen is None:
@@ -472,10 +473,8 @@ class Supervisor:
     # -- metrics and health ----------------------------------------------------------------------
 
     async def _start_metrics(self, host: str, port: int) -> None:
-        app = server_mod.probe_app(
-            healthz=self._healthz, readyz=self._readyz, metrics=self._metrics
-        )
-        self._metrics_runner = web.AppRunner(app, access_log=None)
+        probes = probe_server(healthz=self._healthz, readyz=self._readyz, metrics=self._metrics)
+        self._metrics_runner = web.ServerRunner(probes)
         await self._metrics_runner.setup()
         await web.TCPSite(self._metrics_runner, host, port).start()
         self.metrics_port = self._metrics_runner.addresses[0][1]
@@ -497,12 +496,12 @@ class Supervisor:
             _log.warning("worker_unreachable", worker=slot.index, path=path, error=str(exc))
             return None
 
-    async def _healthz(self, _request: web.Request) -> web.Response:
+    async def _healthz(self, _request: web.BaseRequest) -> web.Response:
         live = sum(s.ready for s in self.slots)
         ok = live > 0 and not self.stopping
         return web.Response(status=200 if ok else 503, text=f"{'ok' if ok else 'failed'}\n")
 
-    async def _readyz(self, _request: web.Request) -> web.Response:
+    async def _readyz(self, _request: web.BaseRequest) -> web.Response:
         answers = await asyncio.gather(*(self._get(s, "/readyz") for s in self.slots))
         lines, ok = [], not self.stopping
         for slot, answer in zip(self.slots, answers, strict=True):
@@ -515,7 +514,7 @@ class Supervisor:
         body = "".join(lines) + ("ok\n" if ok else "not ready\n")
         return web.Response(status=200 if ok else 503, text=body)
 
-    async def _metrics(self, _request: web.Request) -> web.Response:
+    async def _metrics(self, _request: web.BaseRequest) -> web.Response:
         answers = await asyncio.gather(*(self._get(s, "/metrics") for s in self.slots))
         texts = [a[1] for a in answers if a is not None and a[0] == 200]
         body = merge(texts) + generate_latest(self.registry)
