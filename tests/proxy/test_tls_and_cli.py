@@ -12,7 +12,7 @@ import pytest
 
 from apiproxy import cli, pki, tokens
 from apiproxy.errors import UserError
-from apiproxy.server import build_parser, config_from_args
+from apiproxy.serve_cli import build_parser, config_from_args
 from tests.proxy.conftest import (
     OWN_UUID,
     ProxyFactory,
