@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from tests.hardening.conftest import (
-    POLICY,
     HWorld,
     Response,
     Stack,
@@ -26,19 +25,9 @@ from tests.hardening.conftest import (
     parse_responses,
 )
 from tests.proxy.serving import serve_process
+from tests.proxy.test_empty_view import VIEW_POLICY
 
 EXEC = "/api/v1/namespaces/debug/pods/p/exec?command=sh&stdin=true"
-VIEW_POLICY = (
-    POLICY
-    + """\
-- name: empty-secrets
-  peers: ["*"]
-  apiGroups: [""]
-  resources: [secrets]
-  verbs: [get, list, watch]
-  view: empty
-"""
-)
 
 
 def upgrade_request(target: str = EXEC) -> bytes:
