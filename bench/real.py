@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import tempfile
@@ -245,9 +244,7 @@ class RealBench(Bench):
         return out
 
     def close(self) -> None:
-        for c in reversed(self.children):
-            with contextlib.suppress(Exception):
-                c.stop()
+        super().close()  # the hops and clients, and the ports held for nginx
         if self.cluster is not None:
             self.cluster.check_alive()  # a crash during the run is an error, not a footnote
             self.cluster.stop()

@@ -228,12 +228,15 @@ class Bench:
         self.contenders.append(self.start_proxy())
 
     def close(self) -> None:
+        """Stop every child, newest first (one that fails to stop spares none of the others),
+        then let go of the ports held for nginx."""
         for c in reversed(self.children):
             with contextlib.suppress(Exception):
-                if c is self.upstream:
+                if c is getattr(self, "upstream", None):
                     c.send("quit")
                     c.wait(10)
-            c.stop()
+            with contextlib.suppress(Exception):
+                c.stop()
         for port in self.held:
             port.close()
 
