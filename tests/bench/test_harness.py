@@ -85,6 +85,14 @@ def test_nginx_accepts_the_configurations(tmp_path: Path) -> None:
                 upstreams={"up": "127.0.0.1:1"},
                 http=harness.nginx_proxy("t0ken", verify_ca=files.ca_file, tls_upstream=True),
             ),
+            # bench.real: HTTPS to an apiserver whose certificate names an IP (not checked).
+            "real": harness.nginx_conf(
+                tmp_path,
+                "real",
+                [harness.nginx_server(a, files, "    location / { proxy_pass https://up; }\n")],
+                upstreams={"up": "127.0.0.1:1"},
+                http=harness.nginx_proxy("t0ken", tls_upstream=True),
+            ),
             "static": harness.nginx_conf(
                 tmp_path,
                 "static",
@@ -105,3 +113,5 @@ def test_nginx_accepts_the_configurations(tmp_path: Path) -> None:
             assert check.returncode == 0, (name, check.stderr)
     assert 'proxy_set_header Authorization "Bearer t0ken";' in confs["proxy"]
     assert "access_log off;" in confs["static"]
+    assert "proxy_ssl_verify on;" in confs["proxy"]
+    assert "proxy_ssl_verify off;" in confs["real"]
