@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import ssl
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
@@ -149,14 +150,21 @@ class EventCounter:
     JSON watch streams (`application/json`) carry one event per line, so events are newlines.
     Protobuf watch streams (`application/vnd.kubernetes.protobuf;stream=watch`) are frames of a
     4-byte big-endian length followed by that many bytes; the counter follows the frame boundaries
-    exactly across chunk splits. A gzip-encoded stream cannot be counted without decoding; it is
-    reported as 0 events (watches are not gzip-encoded by kube-apiserver).
+    exactly across chunk splits. A gzip-encoded stream is inflated for counting only (the bytes
+    forwarded stay compressed): kube-apiserver 1.37 gzips WatchList streams for clients that
+    accept it, as client-go and so istiod do. Another encoding, or gzip that does not inflate,
+    stops the count where it is; it never affects the stream.
     """
+
+    # Inflated bytes per step: an upstream's tiny gzip chunk must not become a huge buffer.
+    INFLATE_STEP = 256 * 1024
 
     def __init__(self, content_type: str, content_encoding: str = "") -> None:
         ct = content_type.lower()
+        enc = content_encoding.lower().strip()
         self.framed = "protobuf" in ct
-        self.countable = not content_encoding or content_encoding.lower() == "identity"
+        self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS) if enc == "gzip" else None
+        self.countable = enc in ("", "identity") or self._inflate is not None
         self.events = 0
         self._need = 0  # protobuf: payload bytes still to skip in the current frame
         self._header = bytearray()
@@ -164,6 +172,21 @@ class EventCounter:
     def feed(self, chunk: bytes) -> None:
         if not self.countable:
             return
+        inflate = self._inflate
+        if inflate is None:
+            self._count(chunk)
+            return
+        try:
+            data = inflate.decompress(chunk, self.INFLATE_STEP)
+            while True:
+                self._count(data)
+                if not inflate.unconsumed_tail:
+                    break
+                data = inflate.decompress(inflate.unconsumed_tail, self.INFLATE_STEP)
+        except zlib.error:
+            self.countable = False
+
+    def _count(self, chunk: bytes) -> None:
         if not self.framed:
             # One memchr per event: bytes.count scans byte by byte, ten times slower on Pods.
             find = chunk.find

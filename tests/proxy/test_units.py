@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import os
 import time
 from pathlib import Path
@@ -192,9 +193,32 @@ def test_event_counter_json_and_protobuf_frames_across_chunk_splits() -> None:
         for i in range(0, len(frames), size):
             p.feed(frames[i : i + size])
         assert p.events == 3, size
-    g = EventCounter("application/json", "gzip")
-    g.feed(b"\n\n")
-    assert g.events == 0
+    # kube-apiserver 1.37 gzips WatchList streams: counted after inflating, split anywhere.
+    events = b"".join(b'{"type":"ADDED","object":{"n":%d}}\n' % i for i in range(500))
+    packed = gzip.compress(events)
+    for size in (1, 3, 64, len(packed)):
+        g = EventCounter("application/json", "gzip")
+        for i in range(0, len(packed), size):
+            g.feed(packed[i : i + size])
+        assert g.events == 500, size
+    zframes = gzip.compress(frames)
+    gp = EventCounter("application/vnd.kubernetes.protobuf;stream=watch", "gzip")
+    for i in range(0, len(zframes), 5):
+        gp.feed(zframes[i : i + 5])
+    assert gp.events == 3
+    # One small chunk that inflates to far more than a step is counted whole, in steps.
+    bomb = gzip.compress(b"\n" * (3 * EventCounter.INFLATE_STEP + 7))
+    big = EventCounter("application/json", "gzip")
+    big.feed(bomb)
+    assert big.events == 3 * EventCounter.INFLATE_STEP + 7
+    # Not gzip after all, or an encoding it cannot read: the count stops, nothing raises.
+    bad = EventCounter("application/json", "gzip")
+    bad.feed(b"not gzip\n\n")
+    bad.feed(b"\n")
+    assert (bad.events, bad.countable) == (0, False)
+    br = EventCounter("application/json", "br")
+    br.feed(b"\n\n")
+    assert br.events == 0
 
 
 async def test_file_watcher_follows_kubernetes_symlink_swaps(tmp_path: Path) -> None:
