@@ -283,6 +283,7 @@ def test_serve_in_the_image_in_front_of_the_real_apiserver(
         assert int(status["CapEff"], 16) == 0
         assert int(status["CapBnd"], 16) == 0
         assert status["NoNewPrivs"] == "1"
+        assert status["Seccomp"] == "2", "a seccomp filter (the runtime's default profile)"
         write = c.exec("python", "-c", "open('/opt/apiproxy/x', 'w')")
         assert write.returncode != 0
         assert "Read-only file system" in write.stderr, write
