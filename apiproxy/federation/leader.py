@@ -61,6 +61,9 @@ class LeaderElector:
         self._observed_at = 0.0
         self._valid_until = 0.0
         self._leading = False
+        # Leading when run() was cancelled: release() still owes the Lease back (run() drops
+        # _leading at once, so nothing is written after the cancel).
+        self._held_at_cancel = False
         self._last_seen: float | None = None  # monotonic: last time the Lease was read
         self.transitions = 0
         self.changed = asyncio.Event()
@@ -181,13 +184,15 @@ class LeaderElector:
                 )
                 await asyncio.sleep(delay)
         except asyncio.CancelledError:
+            self._held_at_cancel = self._leading
             self._set_leading(False)
             raise
 
     async def release(self) -> None:
         """Give the Lease up if we hold it, so a standby need not wait for it to expire."""
-        was = self._leading
+        was = self._leading or self._held_at_cancel
         self._leading = False
+        self._held_at_cancel = False
         self._valid_until = 0.0
         if not was:
             return

@@ -1,7 +1,9 @@
 """Fixtures for the deploy tests: rendered kustomizations and one checkov run per session.
 
-Nothing here needs a cluster or a container engine: `kubectl kustomize` renders offline, the
-Kubernetes schemas ship with kubernetes-validate, and checkov scans files locally.
+These need no cluster and no container engine: `kubectl kustomize` renders offline, the
+Kubernetes schemas ship with kubernetes-validate, and checkov scans files locally. The exception is
+test_image_run.py, which runs the built image with podman against a real kube-apiserver
+(container.py).
 """
 
 from __future__ import annotations

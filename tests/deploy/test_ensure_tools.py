@@ -39,7 +39,17 @@ def run(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 def test_a_prepared_machine_installs_nothing(tmp_path: Path) -> None:
     env, calls = stand_ins(
-        tmp_path, {"prometheus", "chromium", "fonts-dejavu-core", "nginx", "wrk"}
+        tmp_path,
+        {
+            "prometheus",
+            "chromium",
+            "fonts-dejavu-core",
+            "nginx",
+            "wrk",
+            "podman",
+            "runc",
+            "mmdebstrap",
+        },
     )
     proc = run(env)
     assert proc.returncode == 0, proc.stderr
@@ -47,7 +57,10 @@ def test_a_prepared_machine_installs_nothing(tmp_path: Path) -> None:
 
 
 def test_only_missing_packages_are_installed_waiting_for_the_lock(tmp_path: Path) -> None:
-    env, calls = stand_ins(tmp_path, {"chromium", "fonts-dejavu-core", "nginx", "wrk"})
+    env, calls = stand_ins(
+        tmp_path,
+        {"chromium", "fonts-dejavu-core", "nginx", "wrk", "podman", "runc", "mmdebstrap"},
+    )
     proc = run(env)
     assert proc.returncode == 0, proc.stderr
     lines = calls.read_text().splitlines()
@@ -57,3 +70,19 @@ def test_only_missing_packages_are_installed_waiting_for_the_lock(tmp_path: Path
     assert apt[0].endswith(" update")
     assert apt[1].endswith("install -y --no-install-recommends prometheus")
     assert "installing prometheus" in proc.stderr
+
+
+def test_named_packages_only(tmp_path: Path) -> None:
+    """scripts/image asks for its own tools by name, not for the test suite's whole list."""
+    env, calls = stand_ins(tmp_path, {"runc"})
+    proc = subprocess.run(
+        [str(SCRIPT), "podman", "runc"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    apt = [line for line in calls.read_text().splitlines() if "apt-get " in line]
+    assert apt[-1].endswith("install -y --no-install-recommends podman")

@@ -217,3 +217,24 @@ async def test_election_survives_dropped_connections(clusters):
     await fed.wait_leader(timeout=5)
     status, body = await _readyz(fed)
     assert status == 200, body
+
+
+async def test_a_stopping_leader_gives_the_lease_back(clusters):
+    """Federation.stop() cancels the election loop, which drops leadership at once, then
+    releases the Lease: the release must still happen (it used to see "not leading" and skip,
+    so a standby waited out the lease duration; found by running the image, tests/deploy)."""
+    a = await clusters("a")
+    fed, _kube = await _replica(a, "one", ("", ""))
+    await fed.wait_leader(timeout=5)
+    await eventually(lambda: _readyz_ok(fed), timeout=10)
+    assert (a.get(*LEASE) or {})["spec"]["holderIdentity"] == "one"
+    await fed.stop()
+    a.feds.remove(fed)
+    spec = (a.get(*LEASE) or {})["spec"]
+    assert spec["holderIdentity"] == ""
+    assert spec["leaseDurationSeconds"] == 1
+
+
+async def _readyz_ok(fed: Federation) -> bool:
+    status, _body = await _readyz(fed)
+    return status == 200
