@@ -77,11 +77,7 @@ def image() -> str:
 
 @pytest.fixture(scope="module")
 def kube() -> Iterator[KubeCluster]:
-    # No endpoint reconciler: 1.37 refuses to advertise a loopback address through it, and no
-    # test here reads the `kubernetes` Service's endpoints.
-    cluster = KubeCluster(
-        assets_dir(), name="image", extra_args=["--endpoint-reconciler-type=none"]
-    ).start()
+    cluster = KubeCluster(assets_dir(), name="image").start()
     try:
         yield cluster
         cluster.check_alive()
