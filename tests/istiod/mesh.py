@@ -215,6 +215,8 @@ class Istiod:
     kubeconfig: Path
     cluster_id: str
     root: pki.KeyPair
+    # istiod's own namespace: where it reads remote secrets and its mesh ConfigMap.
+    namespace: str = "istio-system"
     http_port: int = 0
     child: Child | None = None
 
@@ -235,7 +237,7 @@ class Istiod:
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": str(self.workdir),
-            "POD_NAMESPACE": "istio-system",
+            "POD_NAMESPACE": self.namespace,
             "POD_NAME": f"istiod-{self.cluster_id}",
             # No sidecar injection or webhooks here: nothing to inject into, nothing to patch.
             "INJECT_ENABLED": "false",
