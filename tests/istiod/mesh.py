@@ -217,6 +217,8 @@ class Istiod:
     root: pki.KeyPair
     # istiod's own namespace: where it reads remote secrets and its mesh ConfigMap.
     namespace: str = "istio-system"
+    # More environment for pilot-discovery (e.g. PILOT_REMOTE_CLUSTER_TIMEOUT).
+    extra_env: dict[str, str] = field(default_factory=dict)
     http_port: int = 0
     child: Child | None = None
 
@@ -246,6 +248,7 @@ class Istiod:
             "PILOT_ENABLE_GATEWAY_API": "false",
             # JSON-free klog text; istiod writes its own log format.
             "GOMAXPROCS": "2",
+            **self.extra_env,
         }
         argv = [
             str(self.binary),
