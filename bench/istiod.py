@@ -570,7 +570,13 @@ class IstiodBench:
                 "istiod_cpu_s": round(cpu1[2] - cpu0[2], 2),
             }
             if churn:
-                out["churn"] = self.churn(istiod, workloads)
+                out["churn"] = ch = self.churn(istiod, workloads, proxy_pid)
+                # The proxy counts events only when a watch ends; during churn each flip is one
+                # pod and one EndpointSlice event, each background PATCH one pod event.
+                events = 2 * ch["flips"] + ch["background_patches"]
+                ch["events_estimate"] = events
+                if contender == "apiproxy" and events:
+                    ch["proxy_cpu_s_per_1k_events"] = round(ch["proxy_cpu_s"] / events * 1000, 3)
             istiod.check_alive()
         finally:
             istiod.stop()
@@ -591,7 +597,7 @@ class IstiodBench:
         }
         return out
 
-    def churn(self, istiod: Istiod, workloads: Workloads) -> dict[str, Any]:
+    def churn(self, istiod: Istiod, workloads: Workloads, proxy_pid: int) -> dict[str, Any]:
         """Readiness flips of the churn pods, each timed to the poll that first shows it."""
         b = self.sides[1]
         s = self.sizes
@@ -647,6 +653,7 @@ class IstiodBench:
 
         threads = [threading.Thread(target=guarded(f), daemon=True) for f in (flipper, toucher)]
         polls: list[float] = []
+        cpu0 = cpu_seconds(proxy_pid)
         end = time.monotonic() + s.churn_seconds
         for t in threads:
             t.start()
@@ -674,6 +681,7 @@ class IstiodBench:
                 t.join(30)
         if errors:
             raise errors[0]
+        proxy_cpu = cpu_seconds(proxy_pid) - cpu0
         lost = len(pending)
         # Every churn pod ready again before the next run counts its endpoints.
         for k in range(s.churn_pods):
@@ -691,6 +699,7 @@ class IstiodBench:
             "delay_p99_ms": round(percentile(ms, 99), 1),
             "delay_max_ms": round(max(ms), 1) if ms else None,
             "poll_ms_median": round(statistics.median(polls) * 1000, 1) if polls else None,
+            "proxy_cpu_s": round(proxy_cpu, 2),
             "delays_ms": [round(m, 1) for m in ms],
         }
 
@@ -759,6 +768,9 @@ def summarize(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any
                     "per_run_p99_ms": spread([ch["delay_p99_ms"] for ch in churns]),
                     "superseded": sum(ch["superseded"] for ch in churns),
                     "never_seen": sum(ch["never_seen"] for ch in churns),
+                    "proxy_cpu_s_per_1k_events": spread(
+                        [ch.get("proxy_cpu_s_per_1k_events") or 0.0 for ch in churns]
+                    ),
                     "poll_ms_median": statistics.median(
                         ch["poll_ms_median"] for ch in churns if ch["poll_ms_median"] is not None
                     ),
