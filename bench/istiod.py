@@ -40,6 +40,7 @@ import base64
 import contextlib
 import datetime as dt
 import json
+import math
 import os
 import re
 import shutil
@@ -200,7 +201,7 @@ def percentile(values: Sequence[float], q: float) -> float:
     if not values:
         return 0.0
     ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    rank = max(1, min(len(ordered), math.ceil(q / 100 * len(ordered))))
     return ordered[rank - 1]
 
 
