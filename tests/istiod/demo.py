@@ -284,7 +284,7 @@ class Story:
             self.say(
                 f"{side.name}'s api-proxy: {len(records)} requests so far, all from {users[0]}\n"
                 f"  resources: {', '.join(resources)}\n"
-                f"  secrets: {len(secrets)} requests, "
+                f"  secrets: {len(secrets)} request{'s' if len(secrets) != 1 else ''}, "
                 + ("all answered by the empty view" if empty else "NOT all empty")
             )
             if not empty:
