@@ -211,11 +211,6 @@ def percentile(values: Sequence[float], q: float) -> float:
 # ---------------------------------------------------------------------------------- the peer
 
 
-# kube-apiserver 1.37 refuses a loopback --advertise-address with the endpoint reconciler on
-# (tests/real/cluster.py still advertises 127.0.0.1); nothing here needs the `kubernetes` Service.
-KUBE_ARGS = ("--endpoint-reconciler-type=none",)
-
-
 class Workloads:
     """The peer's Services and pods, written through its API as a controller and kubelet would."""
 
@@ -386,10 +381,7 @@ class IstiodBench:
     def start(self) -> None:
         ca = pki.make_ca("bench CA")
         tls = pki.server_cert_for_loopback(ca)
-        self.kubes = [
-            KubeCluster(self.assets, name=n, extra_args=list(KUBE_ARGS))
-            for n in ("bench-a", "bench-b")
-        ]
+        self.kubes = [KubeCluster(self.assets, name=n) for n in ("bench-a", "bench-b")]
         t0 = time.monotonic()
         errors: list[BaseException] = []
 

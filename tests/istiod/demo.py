@@ -41,11 +41,6 @@ HOST = f"web.{NS}.svc.cluster.local"
 WAIT = 120.0  # seconds: the longest one step waits for istiod
 
 
-# kube-apiserver 1.37 refuses a loopback --advertise-address with the endpoint reconciler on
-# (tests/real/cluster.py still advertises 127.0.0.1); nothing here needs the `kubernetes` Service.
-KUBE_ARGS = ("--endpoint-reconciler-type=none",)
-
-
 class StepFailed(Exception):
     pass
 
@@ -130,9 +125,7 @@ class Story:
     def clusters(self) -> None:
         self.begin("Two clusters on loopback: etcd, kube-apiserver, kube-controller-manager each")
         assets = Path(os.environ["KUBEBUILDER_ASSETS"])
-        self.kubes = [
-            KubeCluster(assets, name=n, extra_args=list(KUBE_ARGS)) for n in ("alpha", "beta")
-        ]
+        self.kubes = [KubeCluster(assets, name=n) for n in ("alpha", "beta")]
         errors: list[BaseException] = []
 
         def start(k: KubeCluster) -> None:

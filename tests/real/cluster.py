@@ -339,6 +339,9 @@ class KubeCluster:
             f"--etcd-prefix=/{self.name}",
             "--bind-address=127.0.0.1",
             "--advertise-address=127.0.0.1",
+            # Nothing routes to the `kubernetes` Service here, and from 1.37 the endpoint
+            # reconciler refuses a loopback advertise address.
+            "--endpoint-reconciler-type=none",
             f"--secure-port={self.port}",
             *version_flags(server_version(self.assets)),
             f"--cert-dir={w}",
