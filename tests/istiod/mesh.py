@@ -215,6 +215,10 @@ class Istiod:
     kubeconfig: Path
     cluster_id: str
     root: pki.KeyPair
+    # istiod's own namespace: where it reads remote secrets and its mesh ConfigMap.
+    namespace: str = "istio-system"
+    # More environment for pilot-discovery (e.g. PILOT_REMOTE_CLUSTER_TIMEOUT).
+    extra_env: dict[str, str] = field(default_factory=dict)
     http_port: int = 0
     child: Child | None = None
 
@@ -235,7 +239,7 @@ class Istiod:
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": str(self.workdir),
-            "POD_NAMESPACE": "istio-system",
+            "POD_NAMESPACE": self.namespace,
             "POD_NAME": f"istiod-{self.cluster_id}",
             # No sidecar injection or webhooks here: nothing to inject into, nothing to patch.
             "INJECT_ENABLED": "false",
@@ -245,6 +249,7 @@ class Istiod:
             "PILOT_REMOTE_CLUSTER_TIMEOUT": "10s",
             "GOMAXPROCS": "2",
             # Everything else at istiod's defaults (Gateway API on: no CRDs, so nothing starts).
+            **self.extra_env,
         }
         argv = [
             str(self.binary),
