@@ -245,8 +245,6 @@ class Istiod:
             "INJECT_ENABLED": "false",
             "INJECTION_WEBHOOK_CONFIG_NAME": "",
             "VALIDATION_WEBHOOK_CONFIG_NAME": "",
-            # A remote that cannot sync stops blocking readiness after this (default 30 s).
-            "PILOT_REMOTE_CLUSTER_TIMEOUT": "10s",
             "GOMAXPROCS": "2",
             # Everything else at istiod's defaults (Gateway API on: no CRDs, so nothing starts).
             **self.extra_env,
