@@ -10,8 +10,9 @@ istiod receives exactly what it would keep anyway:
 
 - `istiod-pod`: metadata (minus the above); spec only `containers` reduced to those with ports
   and only their `ports`, native sidecar `initContainers` (restartPolicy Always) with ports
-  reduced to `ports` + `restartPolicy`, `serviceAccountName`, `nodeName`, `hostNetwork`,
-  `hostname`, `subdomain`; status without `initContainerStatuses` and `containerStatuses`.
+  reduced to `ports` + `restartPolicy` (each with `name: ""`, as Go encodes the new Container
+  Istio builds, and as typed clients require the field), `serviceAccountName`, `nodeName`,
+  `hostNetwork`, `hostname`, `subdomain`; status without `initContainerStatuses` and `containerStatuses`.
 - `istiod-node`: metadata without any annotations or ownerReferences; status without
   `allocatable`, `capacity`, `images` and `conditions`.
 
@@ -51,13 +52,13 @@ def istiod_pod(obj: Object) -> Object:
     if isinstance(spec, dict):
         new: dict[str, Any] = {
             "containers": [
-                {"ports": c["ports"]}
+                {"name": "", "ports": c["ports"]}
                 for c in spec.get("containers") or ()
                 if isinstance(c, dict) and c.get("ports")
             ]
         }
         inits = [
-            {"ports": c["ports"], "restartPolicy": "Always"}
+            {"name": "", "ports": c["ports"], "restartPolicy": "Always"}
             for c in spec.get("initContainers") or ()
             if isinstance(c, dict) and c.get("restartPolicy") == "Always" and c.get("ports")
         ]

@@ -318,8 +318,13 @@ class ProxyServer:
             and same_filter
         )
 
+    def _needs_nsview(self) -> bool:
+        return any(
+            r.visibility is not None and r.visibility.needs_labels for r in self.policy.rules
+        )
+
     def _start_nsview(self) -> None:
-        if any(r.visibility is not None and r.visibility.needs_labels for r in self.policy.rules):
+        if self._needs_nsview():
             self.nsview.start()
 
     def _count_hidden(self, peer: str, hidden: int) -> None:
@@ -419,13 +424,17 @@ class ProxyServer:
         return web.Response(text="ok\n")
 
     def readiness(self) -> dict[str, bool]:
-        return {
+        checks = {
             "policy": self.policy is not None,
             "peers": self.peers is not None,
             "upstream": bool(self.upstream_ok),
             "audit": self.audit is None or bool(self.audit.healthy),
             "serving": not self.stopping,
         }
+        if self._needs_nsview():
+            # Filtered requests are refused (503) until the namespace labels have been read.
+            checks["namespaces"] = self.nsview.synced
+        return checks
 
     async def _readyz(self, _request: web.Request) -> web.Response:
         checks = self.readiness()

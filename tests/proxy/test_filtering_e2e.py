@@ -105,7 +105,10 @@ async def test_exported_pod_is_projected_and_hidden_pods_are_in_no_byte(
         assert "managedFields" not in pod["metadata"]
         assert pod["spec"] == {
             "containers": [
-                {"ports": [{"name": "http-web", "containerPort": 8080, "protocol": "TCP"}]}
+                {
+                    "name": "",
+                    "ports": [{"name": "http-web", "containerPort": 8080, "protocol": "TCP"}],
+                }
             ],
             "serviceAccountName": "web-sa",
             "nodeName": "node-1",
@@ -270,7 +273,7 @@ async def test_watch_hides_events_and_expires_when_the_visible_set_changes(
         async with s.get(url) as w:
             assert w.status == 410
         # A fresh list shows the pods.
-        code, body, _ = await get(s, proxy, "/api/v1/pods")
+        _, body, _ = await get(s, proxy, "/api/v1/pods")
         names = {p["metadata"]["name"] for p in json.loads(body)["items"]}
         assert {f"{HIDDEN_POD}-0", "web-1"} <= names
         # WatchList (sendInitialEvents): the state as ADDED events, then the end bookmark.

@@ -238,8 +238,10 @@ def test_watch_events_filtered_bookmarks_and_errors_always_pass() -> None:
 def test_istiod_pod_projection_mirrors_strip_pod_unused_fields() -> None:
     pod = istiod_pod(a_pod("a", "shown"))
     assert pod["spec"] == {
-        "containers": [{"ports": [{"name": "http", "containerPort": 8080}]}],
-        "initContainers": [{"ports": [{"containerPort": 15090}], "restartPolicy": "Always"}],
+        "containers": [{"name": "", "ports": [{"name": "http", "containerPort": 8080}]}],
+        "initContainers": [
+            {"name": "", "ports": [{"containerPort": 15090}], "restartPolicy": "Always"}
+        ],
         "serviceAccountName": "sa",
         "nodeName": "node-1",
         "hostname": "h",
