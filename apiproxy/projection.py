@@ -12,7 +12,8 @@ istiod receives exactly what it would keep anyway:
   and only their `ports`, native sidecar `initContainers` (restartPolicy Always) with ports
   reduced to `ports` + `restartPolicy` (each with `name: ""`, as Go encodes the new Container
   Istio builds, and as typed clients require the field), `serviceAccountName`, `nodeName`,
-  `hostNetwork`, `hostname`, `subdomain`; status without `initContainerStatuses` and `containerStatuses`.
+  `hostNetwork`, `hostname`, `subdomain`; status without `initContainerStatuses` and
+  `containerStatuses`.
 - `istiod-node`: metadata without any annotations or ownerReferences; status without
   `allocatable`, `capacity`, `images` and `conditions`.
 

@@ -244,7 +244,7 @@ async def test_watch_hides_events_and_expires_when_the_visible_set_changes(
 ) -> None:
     proxy, _ = await started(cluster, world, tmp_path, make_proxy)
     async with session(world, tmp_path) as s:
-        code, body, _ = await get(s, proxy, "/api/v1/pods")
+        _, body, _ = await get(s, proxy, "/api/v1/pods")
         rv = json.loads(body)["metadata"]["resourceVersion"]
         url = f"{proxy.url}/api/v1/pods?watch=true&allowWatchBookmarks=true&resourceVersion={rv}"
         async with s.get(url, headers={"Accept": PROTOBUF_FIRST}) as w:
