@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.run import (
+    CLUSTER_UUID,
     HOP_CPUS,
     POLICY,
     RESULTS,
@@ -88,7 +89,7 @@ class FilterBench(Bench):
         argv = [
             self.py, "-m", "apiproxy", "serve", f"--listen=127.0.0.1:{port}",
             f"--tls-cert={self.work / 'tls.crt'}", f"--tls-key={self.work / 'tls.key'}",
-            f"--peers={self.work / 'peers.yaml'}", "--cluster-uuid=11111111-1111-4111-8111-111111111111",
+            f"--peers={self.work / 'peers.yaml'}", f"--cluster-uuid={CLUSTER_UUID}",
             f"--policy={policy}", f"--upstream={self.upstream_info['url']}",
             f"--upstream-token-file={self.work / 'upstream-token'}",
             f"--audit-log={self.work / (name + '-audit.log')}",
