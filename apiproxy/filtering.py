@@ -554,6 +554,9 @@ async def _answer(
     if not ctype.lower().startswith(JSON) or encoding not in ("", "identity"):
         _log.warning("filter_unreadable_answer", audit_id=ex.audit_id, content_type=ctype)
         return ctx.recorder.refuse(ex, 502, "upstream answer could not be filtered")
+    if info.verb == "get" and request.method == "HEAD":
+        # No body to filter: the path named the namespace, which was checked before going up.
+        return _json_answer(ex, ctx, 200, b"")
     if info.verb == "get":
         try:
             obj = orjson.loads(await up.read(MAX_OBJECT_BYTES))
