@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -40,6 +41,9 @@ Listener = Callable[["NamespaceChange"], None]
 HISTORY = 4096
 _MAX_LINE = 4 * 1024 * 1024
 _WATCH_SECONDS = 300
+# How long after the view learns of a change a resumed watch it concerns is sent back to list,
+# whatever its resourceVersion: covers a client's gap between a LIST and its WATCH.
+RECENT_SECONDS = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +52,7 @@ class NamespaceChange:
     old: Labels | None  # None: the namespace did not exist (for the view)
     new: Labels | None  # None: it was deleted
     resource_version: int
+    learned: float = 0.0  # monotonic time the view learned of it
 
 
 def _rv(value: object) -> int:
@@ -107,7 +112,14 @@ class NamespaceView:
             not self.history or resource_version < self.history[0].resource_version
         ):
             return True
-        return any(c.resource_version > resource_version and concerns(c) for c in self.history)
+        # A change is also "after" a resourceVersion when it was learned moments ago: this view
+        # may have been behind the apiserver, so a list served just before it learned of the
+        # change can carry a newer resourceVersion than the change's own.
+        recent = time.monotonic() - RECENT_SECONDS
+        return any(
+            (c.resource_version > resource_version or c.learned > recent) and concerns(c)
+            for c in self.history
+        )
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         self._listeners.add(listener)
@@ -143,7 +155,8 @@ class NamespaceView:
             self.labels.pop(name, None)
         else:
             self.labels[name] = new
-        change = NamespaceChange(name, old, new, rv)
+        # The first LIST is what the view starts from, not a change anyone could have missed.
+        change = NamespaceChange(name, old, new, rv, time.monotonic() if self.synced else 0.0)
         self.history.append(change)
         for listener in list(self._listeners):
             try:

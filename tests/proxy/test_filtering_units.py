@@ -328,3 +328,34 @@ def test_sealed_tokens_hide_the_key_and_bind_peer_and_rule() -> None:
     assert other.open(sealed, "a\x00rule") is None
     sealer.rotate(b"new key")
     assert sealer.open(sealed, "a\x00rule") == upstream  # the previous key still opens
+
+
+def test_namespace_view_tells_resumed_watches_what_they_missed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from apiproxy import nsview as nsview_mod
+    from apiproxy.nsview import NamespaceChange, NamespaceView
+
+    view = NamespaceView(None, None)  # type: ignore[arg-type]  # never started: no upstream
+    concerns_export = lambda c: EXPORT.sees(c.name, c.old) != EXPORT.sees(c.name, c.new)  # noqa: E731
+    assert view.changed_since(10, concerns_export)  # not synced: cannot tell
+    view._apply("team", {}, 100)  # the first LIST
+    view.synced, view.known_since = True, 100
+    assert view.changed_since(99, concerns_export)  # older than what the view knows
+    assert not view.changed_since(100, concerns_export)
+    seen: list[NamespaceChange] = []
+    view.subscribe(seen.append)
+    clock = [1000.0]
+    monkeypatch.setattr(nsview_mod.time, "monotonic", lambda: clock[0])
+    view._apply("team", {"export": "true"}, 120)
+    assert [c.name for c in seen] == ["team"]
+    assert view.changed_since(119, concerns_export)
+    # Learned just now: even a newer resourceVersion may hold a list filtered the old way.
+    assert view.changed_since(150, concerns_export)
+    clock[0] += nsview_mod.RECENT_SECONDS + 1
+    assert not view.changed_since(150, concerns_export)
+    assert view.changed_since(119, concerns_export)
+    # A label change that does not change visibility concerns no one.
+    view._apply("team", {"export": "true", "x": "y"}, 130)
+    assert not view.changed_since(125, concerns_export)
+    assert view.get("team") == {"export": "true", "x": "y"}
