@@ -402,7 +402,11 @@ class FilterContext:
     count_hidden: Callable[[str, int], None] = field(default=lambda peer, n: None)
 
 
-def _concerns(vis: Visibility) -> Callable[[NamespaceChange], bool]:
+def _concerns(vis: Visibility, namespace: str = "") -> Callable[[NamespaceChange], bool]:
+    """Whether a change moves a namespace into or out of the view (of `namespace`'s requests
+    only, for a request inside one namespace)."""
+    if namespace:
+        return lambda c: c.name == namespace and vis.sees(c.name, c.old) != vis.sees(c.name, c.new)
     return lambda c: vis.sees(c.name, c.old) != vis.sees(c.name, c.new)
 
 
@@ -494,7 +498,7 @@ async def serve(
                 since = int(rv)
             except ValueError:
                 since = -1
-            if since < 0 or fctx.nsview.changed_since(since, _concerns(vis)):
+            if since < 0 or fctx.nsview.changed_since(since, _concerns(vis, info.namespace)):
                 ex.annotations[ev.FILTER_EXPIRED] = "resumed-after-visibility-change"
                 return ctx.recorder.refuse(
                     ex,
@@ -598,7 +602,7 @@ async def _answer(
         own = asyncio.timeout(None)
         unsubscribe: Callable[[], None] = lambda: None  # noqa: E731
         if watch and vis is not None and vis.needs_labels and fctx.nsview is not None:
-            concerns = _concerns(vis)
+            concerns = _concerns(vis, info.namespace)
 
             def changed(change: NamespaceChange) -> None:
                 if concerns(change) and not own.expired():

@@ -261,7 +261,12 @@ async def test_watch_hides_events_and_expires_when_the_visible_set_changes(
                 ("ADDED", "web-1")
             ]
             assert "env" not in json.dumps(events)
-            # The hidden namespace is exported: the watch ends with 410 Expired.
+            # The hidden namespace is exported: the watch ends with 410 Expired. A watch inside
+            # another namespace is not concerned and stays open.
+            inside = await s.get(
+                f"{proxy.url}/api/v1/namespaces/shown/pods?watch=true&resourceVersion={rv}"
+            )
+            assert inside.status == 200
             ns = cluster.store.get("namespaces", "hidden")
             ns["metadata"]["labels"] = EXPORT
             cluster.store.update(ns)
@@ -269,6 +274,14 @@ async def test_watch_hides_events_and_expires_when_the_visible_set_changes(
             assert events[-1]["object"]["code"] == 410
             assert events[-1]["object"]["reason"] == "Expired"
             assert await asyncio.wait_for(w.content.read(), 10) == b""
+            cluster.store.create(rich_pod("web-2", "shown"))
+            # web-1 (created after rv), then web-2; no ERROR in between.
+            events = await read_events(inside, "ADDED") + await read_events(inside, "ADDED")
+            assert [(e["type"], e["object"]["metadata"]["name"]) for e in events] == [
+                ("ADDED", "web-1"),
+                ("ADDED", "web-2"),
+            ]
+            inside.close()
         # Resuming from the old resourceVersion would skip what just became visible: 410.
         async with s.get(url) as w:
             assert w.status == 410
