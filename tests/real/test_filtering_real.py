@@ -258,3 +258,22 @@ async def test_informer_converges_when_a_namespace_is_exported_and_unexported(
             await informer.stop()
     finally:
         await api.close()
+
+
+def test_protobuf_passes_through_unfiltered_resources_only(shipped_proxy: RealProxy) -> None:
+    """Rules without namespace selection or projection keep protobuf byte for byte; a projected
+    resource answers a protobuf-first Accept with JSON and a protobuf-only Accept with 406."""
+    code, headers, body = shipped_proxy.request(
+        "GET",
+        "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
+        headers={"Accept": "application/vnd.kubernetes.protobuf"},
+    )
+    assert code == 200
+    assert headers["Content-Type"] == "application/vnd.kubernetes.protobuf"
+    assert body.startswith(b"k8s\x00")
+    code, body = answer(shipped_proxy, "/api/v1/nodes", PROTOBUF_FIRST)
+    assert code == 200
+    assert json.loads(body)["kind"] == "NodeList"
+    code, body = answer(shipped_proxy, "/api/v1/nodes", "application/vnd.kubernetes.protobuf")
+    assert code == 406
+    assert json.loads(body)["reason"] == "NotAcceptable"
