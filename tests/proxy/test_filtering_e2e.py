@@ -334,3 +334,41 @@ async def test_unfiltered_resources_are_still_copied_byte_for_byte(
     crd = [r for r in recs if "customresourcedefinitions" in r["requestURI"]]
     assert crd
     assert all("apiproxy.io/filtered" not in r["annotations"] for r in crd)
+
+
+PER_PEER = """\
+apiVersion: apiproxy/v1
+kind: AccessPolicy
+rules:
+- name: a-pods
+  peers: [cluster-a]
+  apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch]
+  namespaces: {names: [shown]}
+- name: b-pods
+  peers: [cluster-b]
+  apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch]
+  namespaces: {names: [hidden]}
+  projection: istiod-pod
+"""
+
+
+async def test_different_peers_see_different_namespaces(
+    world: World, cluster: SimAPIServer, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    proxy, _ = await proxy_for(cluster, world, tmp_path, make_proxy, PER_PEER)
+    assert not proxy.nsview.running  # names only: no namespace informer is needed
+    seen: dict[str, set[str]] = {}
+    for peer, cert in (("cluster-a", world.client_a), ("cluster-b", world.client_b)):
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=world.client_ssl(cert, tmp_path))
+        ) as s:
+            code, body, _ = await get(s, proxy, "/api/v1/pods")
+            assert code == 200
+            seen[peer] = {p["metadata"]["namespace"] for p in json.loads(body)["items"]}
+            code, _, _ = await get(s, proxy, "/api/v1/namespaces/shown/pods/web-0")
+            assert code == (200 if peer == "cluster-a" else 404)
+    assert seen == {"cluster-a": {"shown"}, "cluster-b": {"hidden"}}
