@@ -372,3 +372,39 @@ async def test_different_peers_see_different_namespaces(
             code, _, _ = await get(s, proxy, "/api/v1/namespaces/shown/pods/web-0")
             assert code == (200 if peer == "cluster-a" else 404)
     assert seen == {"cluster-a": {"shown"}, "cluster-b": {"hidden"}}
+
+
+async def test_reload_that_changes_a_rules_namespaces_revokes_its_watches(
+    world: World, cluster: SimAPIServer, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    proxy, files = await started(cluster, world, tmp_path, make_proxy)
+    async with (
+        session(world, tmp_path) as s,
+        s.get(proxy.url + "/api/v1/pods?watch=1") as pods,
+        s.get(proxy.url + "/api/v1/services?watch=1") as services,
+    ):
+        assert (pods.status, services.status) == (200, 200)
+        await asyncio.wait_for(proxy.wait_until(lambda: proxy.open_watches("cluster-a") == 2), 30)
+        # Pods now also visible in "hidden"; services unchanged.
+        widened = SHIPPED.replace(
+            "    namespaces:\n      names: [istio-system]\n      selector:\n"
+            '        matchLabels:\n          apiproxy.io/export: "true"\n'
+            "    projection: istiod-pod\n",
+            "    namespaces:\n      names: [istio-system, hidden]\n      selector:\n"
+            '        matchLabels:\n          apiproxy.io/export: "true"\n'
+            "    projection: istiod-pod\n",
+        )
+        assert widened != SHIPPED
+        files.policy.write_text(widened)
+        assert ("policy", True) in await proxy.reload_now()
+        await asyncio.wait_for(pods.content.read(), 30)  # initial events, then the end
+        assert pods.content.at_eof()
+        assert proxy.open_watches("cluster-a") == 1
+        assert not services.content.at_eof()
+    recs = await records(proxy, files)
+    ends = {
+        r["requestURI"]: r["annotations"].get("apiproxy.io/stream-ended-by")
+        for r in recs
+        if "watch=1" in r["requestURI"]
+    }
+    assert ends["/api/v1/pods?watch=1"] == "revoked"
