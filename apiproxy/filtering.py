@@ -419,14 +419,16 @@ def _query_pairs(target: str) -> tuple[str, list[tuple[str, str]]]:
     return path, pairs
 
 
-def _json_answer(ex: Exchange, ctx: ForwardContext, code: int, body: bytes) -> web.Response:
+def _json_answer(
+    ex: Exchange, ctx: ForwardContext, code: int, body: bytes, content_type: str = JSON
+) -> web.Response:
     ex.end(EndReason.COMPLETED, code)
     ctx.recorder.body_sent(ex, len(body))
     return web.Response(
         status=code,
         body=body,
         headers={
-            "Content-Type": JSON,
+            "Content-Type": content_type,
             "Audit-ID": ex.audit_id,
             "Cache-Control": "no-cache, private",
         },
@@ -560,7 +562,7 @@ async def _answer(
         return ctx.recorder.refuse(ex, 502, "upstream answer could not be filtered")
     if info.verb == "get" and request.method == "HEAD":
         # No body to filter: the path named the namespace, which was checked before going up.
-        return _json_answer(ex, ctx, 200, b"")
+        return _json_answer(ex, ctx, 200, b"", ctype)
     if info.verb == "get":
         try:
             obj = orjson.loads(await up.read(MAX_OBJECT_BYTES))
@@ -569,7 +571,7 @@ async def _answer(
         kept = ofilter.keep(obj)
         if kept is None:
             return _json_answer(ex, ctx, 404, not_found(info))
-        return _json_answer(ex, ctx, 200, orjson.dumps(kept))
+        return _json_answer(ex, ctx, 200, orjson.dumps(kept), ctype)  # as=... kept
 
     def rewrite_meta(obj: Any) -> None:
         meta = obj.get("metadata") if isinstance(obj, dict) else None
