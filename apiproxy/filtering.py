@@ -216,6 +216,10 @@ class ListFilter:
         self._scan = 0  # items: where to look for the next end candidate
         self._state = "head"
         self._sep: re.Pattern[bytes] | None = None
+        # Compact JSON (kube-apiserver's, unless pretty-printed): candidates are found with
+        # bytes.find on the literal separator, much faster than the regular expression.
+        self._compact = False
+        self._literal = b""
         self._emitted = 0
         self.items_in = 0
 
@@ -250,6 +254,7 @@ class ListFilter:
             self._meta(obj)
             self._state = "items"
             self._pos = self._scan = m.end()
+            self._compact = m.group() == b'"items":['
             encoded = orjson.dumps(obj)
             if not encoded.endswith(b"[]}"):
                 raise FilterError("list head did not re-encode")
@@ -282,6 +287,8 @@ class ListFilter:
                     if len(buf) - i > _MAX_HEAD:
                         raise FilterError("list item has no first key")
                     return
+                self._literal = b'},{"' + first.group(1) + b'":'
+                self._compact = self._compact and first.group() == b'{"' + first.group(1) + b'":'
                 key = re.escape(first.group(1))
                 # The end of the last item: `]` then the end of the list or its next key.
                 self._sep = re.compile(
@@ -305,6 +312,8 @@ class ListFilter:
                 self._emitted += 1
 
     def _next_item_end(self, buf: bytes, start: int) -> tuple[Any, int] | None:
+        if self._compact:
+            return self._next_compact_end(buf, start)
         assert self._sep is not None
         search = self._sep.search
         pos = max(self._scan, start)
@@ -319,6 +328,44 @@ class ListFilter:
                 return orjson.loads(buf[start : m.end()]), m.end()
             except orjson.JSONDecodeError:
                 pos = m.end()
+
+    def _next_compact_end(self, buf: bytes, start: int) -> tuple[Any, int] | None:
+        """`_next_item_end` for compact JSON. While a `},{"<key>":` follows, it is the only
+        candidate (the list's end cannot come before a next item); otherwise `}]` followed by
+        `}` and the end of the body, or by `,"kind":` / `,"metadata":` / `,"apiVersion":`
+        (sorted-key lists)."""
+        literal = self._literal
+        pos = max(self._scan, start)
+        find = buf.find
+        n = len(buf)
+        while True:
+            a = find(literal, pos)
+            if a >= 0:
+                try:
+                    return orjson.loads(buf[start : a + 1]), a + 1
+                except orjson.JSONDecodeError:
+                    pos = a + 1  # inside the item (a nested list of such objects)
+                    continue
+            b = find(b"}]", pos)
+            if b < 0:
+                self._scan = max(start, n - len(literal))
+                return None
+            after = buf[b + 2 : b + 16]
+            if after.startswith(b"}"):
+                # The list's own `]}` ends the body (a newline at most after it).
+                if n - (b + 3) > 2 or buf[b + 3 :].strip():
+                    pos = b + 1  # `}]}` inside an item
+                    continue
+            elif not after.startswith((b',"kind":', b',"metadata":', b',"apiVersion":')):
+                if len(after) >= 14:  # 14: len(',"apiVersion":'), the longest
+                    pos = b + 1
+                    continue
+                self._scan = b  # cut off at the end of the buffer: decide when more comes
+                return None
+            try:
+                return orjson.loads(buf[start : b + 1]), b + 1
+            except orjson.JSONDecodeError:
+                pos = b + 1
 
     def close(self) -> bytes:
         if self._state != "tail":
