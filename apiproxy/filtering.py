@@ -71,6 +71,8 @@ _log = log.get_logger("apiproxy.filtering")
 JSON = "application/json"
 MAX_OBJECT_BYTES = 64 * 1024 * 1024  # one item, one watch event, one GET answer
 _MAX_HEAD = 1024 * 1024
+# How long a filtered request waits for the namespace view's first LIST before 503.
+SYNC_WAIT_SECONDS = 5.0
 _TRUE = ("1", "t", "T", "TRUE", "true", "True")
 TOKEN_PREFIX = "apx1."  # noqa: S105 - a format marker, not a credential
 EXPIRED_MESSAGE = (
@@ -509,6 +511,10 @@ async def serve(
     )
     if vis is not None and vis.needs_labels:
         view = fctx.nsview
+        if view is not None and not view.synced and view.running:
+            # Just started: the first namespace LIST is usually a few milliseconds away.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(view.wait_synced(), SYNC_WAIT_SECONDS)
         if view is None or not view.synced:
             return ctx.recorder.refuse(
                 ex,
