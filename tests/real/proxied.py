@@ -235,7 +235,6 @@ def first_grant(rule: dict[str, Any], namespace: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ the proxy
 
 
-@dataclass
 def _has_selector(policy_text: str) -> bool:
     from apiproxy.policy import Policy
 
@@ -243,6 +242,7 @@ def _has_selector(policy_text: str) -> bool:
     return any(r.visibility is not None and r.visibility.needs_labels for r in rules)
 
 
+@dataclass
 class RealProxy:
     """`apiproxy serve` as a child process in front of `kube`."""
 
