@@ -63,6 +63,10 @@ def version_flags(version: tuple[int, int]) -> list[str]:
         flags.append("--insecure-port=0")
     if version < (1, 26):
         flags.append("--logtostderr=true")
+    if version >= (1, 37):
+        # 1.37 refuses a loopback --advertise-address with the default (lease) endpoint
+        # reconciler; the tests need no `kubernetes` Endpoints reconciled.
+        flags.append("--endpoint-reconciler-type=none")
     return flags
 
 
