@@ -277,3 +277,29 @@ def test_protobuf_passes_through_unfiltered_resources_only(shipped_proxy: RealPr
     code, body = answer(shipped_proxy, "/api/v1/nodes", "application/vnd.kubernetes.protobuf")
     assert code == 406
     assert json.loads(body)["reason"] == "NotAcceptable"
+
+
+def test_watch_list_streams_only_visible_objects_then_the_end_bookmark(
+    shipped_proxy: RealProxy,
+) -> None:
+    """WatchList (client-go 0.35+ informers' first sync): the initial ADDED events are filtered
+    and projected, and the `k8s.io/initial-events-end` bookmark always gets through."""
+    path = (
+        "/api/v1/pods?watch=true&sendInitialEvents=true&allowWatchBookmarks=true"
+        "&resourceVersionMatch=NotOlderThan&timeoutSeconds=5"
+    )
+    req = urllib.request.Request(  # noqa: S310
+        shipped_proxy.url + path, headers={"Accept": PROTOBUF_FIRST}
+    )
+    events: list[dict[str, Any]] = []
+    with urllib.request.urlopen(req, context=shipped_proxy.ssl_context(), timeout=30) as resp:  # noqa: S310
+        for line in resp:
+            events.append(json.loads(line))
+            if events[-1]["type"] == "BOOKMARK":
+                break
+    added = [e["object"] for e in events if e["type"] == "ADDED"]
+    assert {p["metadata"]["namespace"] for p in added} <= {SHOWN, "istio-system"}
+    assert "web-0" in {p["metadata"]["name"] for p in added}
+    assert all("managedFields" not in p["metadata"] for p in added)
+    assert all("env" not in c for p in added for c in p["spec"]["containers"])
+    assert events[-1]["object"]["metadata"]["annotations"] == {"k8s.io/initial-events-end": "true"}
