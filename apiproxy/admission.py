@@ -50,6 +50,7 @@ from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from apiproxy import log
+from apiproxy.httpserver import make_request
 from apiproxy.status import status_bytes
 
 _log = log.get_logger("apiproxy.admission")
@@ -227,7 +228,6 @@ class Admission:
         self._open = 0
         self._handshaking: dict[asyncio.Task[None], _Conn] = {}
         self._server: web.Server | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._changed: asyncio.Event | None = None
 
     # -- what the rest of the proxy sees --------------------------------------------------------
@@ -265,7 +265,6 @@ class Admission:
 
     def server(self, handler: Callable[[web.BaseRequest], Any]) -> web.Server:
         """The aiohttp server (connection registry, request handler) behind `site`."""
-        self._loop = asyncio.get_running_loop()
         self._server = web.Server(
             handler,
             handler_cancellation=True,
@@ -399,8 +398,7 @@ class Admission:
         # Called by aiohttp for every complete (or unparsable) request head.
         if isinstance(protocol, _GatedHandler):
             protocol.head_complete()
-        assert self._loop is not None
-        return web.BaseRequest(message, payload, protocol, writer, task, self._loop)
+        return make_request(message, payload, protocol, writer, task)  # no Server header
 
     def cut(self, conn: _Conn, reason: str) -> None:
         """Close `conn` now (counted for `reason` unless it was already closing for another).

@@ -15,7 +15,10 @@ from apiproxy.errors import UserError
 
 DEV_PACKAGE = "apiproxy_dev"
 COMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("apiproxy.server", "run the api-proxy: authenticate peers, enforce policy, forward"),
+    "serve": (
+        "apiproxy.serve_cli",
+        "run the api-proxy: authenticate peers, enforce policy, forward",
+    ),
     "federate": (
         "apiproxy.federation.main",
         "run the federation controller and metadata exporter",

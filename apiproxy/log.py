@@ -6,7 +6,7 @@ import logging
 import re
 import sys
 from collections.abc import MutableMapping
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 import structlog
 
@@ -55,11 +55,14 @@ def redact_processor(
 
 
 class _StderrLogger:
-    """Writes to whatever `sys.stderr` is *now*: test runners and daemons swap the stream, and a
-    logger bound to the old one would write to a closed file."""
+    """Writes to `stream` if given, else to whatever `sys.stderr` is *now*: test runners and
+    daemons swap the stream, and a logger bound to the old one would write to a closed file."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream  # None: sys.stderr, looked up at each write
 
     def msg(self, message: str) -> None:
-        stream = sys.stderr
+        stream = self.stream if self.stream is not None else sys.stderr
         stream.write(message + "\n")
         stream.flush()
 
@@ -76,9 +79,11 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
-def configure(fmt: Format = "auto", level: str = "info") -> None:
-    """Route structlog and stdlib logging (aiohttp, kubernetes-asyncio) to stderr."""
-    use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+def configure(fmt: Format = "auto", level: str = "info", stream: TextIO | None = None) -> None:
+    """Route structlog and stdlib logging (aiohttp, kubernetes-asyncio) to stderr, or to `stream`
+    (a file: `apiproxy demo` keeps its components' logs out of its story)."""
+    out = stream if stream is not None else sys.stderr
+    use_json = fmt == "json" or (fmt == "auto" and not out.isatty())
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -88,17 +93,17 @@ def configure(fmt: Format = "auto", level: str = "info") -> None:
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if use_json
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        else structlog.dev.ConsoleRenderer(colors=out.isatty())
     )
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=lambda *_args: _StderrLogger(),
+        logger_factory=lambda *_args: _StderrLogger(stream),
         cache_logger_on_first_use=False,
     )
-    handler = _StderrHandler()
+    handler = _StderrHandler() if stream is None else logging.StreamHandler(stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[

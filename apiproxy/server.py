@@ -1,19 +1,19 @@
 """`apiproxy serve`: authenticate the peer, classify the request, ask the policy, forward, audit.
 
 Tests and other tools use the factory: `ProxyServer(ServeConfig(...))`, `await start()`, `.port`,
-`.metrics_port`, `await reload_now()`, `await stop()`. `main` only turns flags and `APIPROXY_*`
-environment variables into a `ServeConfig` and runs it until SIGTERM/SIGINT.
+`.metrics_port`, `await reload_now()`, `await stop()`; `run(config)` serves one until
+SIGTERM/SIGINT. The command line (flags and `APIPROXY_*` variables → `ServeConfig`) is
+`apiproxy/serve_cli.py`; `--workers N` is `apiproxy/workers.py`.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,14 +23,12 @@ from multidict import CIMultiDict
 from apiproxy import (
     __version__,
     filtering,
-    flags,
     forward,
     log,
     memory,
     tokens,
     upgrade,
     upstream,
-    uuids,
     view,
 )
 from apiproxy import admission as admission_mod
@@ -40,6 +38,7 @@ from apiproxy.authn import AuthnFailure, authenticate
 from apiproxy.errors import UserError
 from apiproxy.exchange import EndReason, Exchange, Recorder
 from apiproxy.forward import ForwardContext, ForwardLimits, PoolLimits, UpstreamPool, is_upgrade
+from apiproxy.httpserver import probe_server
 from apiproxy.limits import PeerLimits
 from apiproxy.metrics import EXPOSITION_CONTENT_TYPE, Metrics
 from apiproxy.nsview import NamespaceView
@@ -158,7 +157,7 @@ class ProxyServer:
             count_hidden=self._count_hidden,
         )
         self._runner: web.ServerRunner | None = None
-        self._metrics_runner: web.AppRunner | None = None
+        self._metrics_runner: web.ServerRunner | None = None
         self._probe_task: asyncio.Task[None] | None = None
         self._trim_task: asyncio.Task[None] | None = None
         self.upstream_ok: bool | None = None
@@ -239,8 +238,8 @@ class ProxyServer:
         await site.start()
         self.port = self._runner.addresses[0][1]
         if c.metrics_listen is not None or c.metrics_unix is not None:
-            app = probe_app(healthz=self._healthz, readyz=self._readyz, metrics=self._metrics)
-            self._metrics_runner = web.AppRunner(app, access_log=None)
+            probes = probe_server(healthz=self._healthz, readyz=self._readyz, metrics=self._metrics)
+            self._metrics_runner = web.ServerRunner(probes)
             await self._metrics_runner.setup()
             if c.metrics_listen is not None:
                 host, port = c.metrics_listen
@@ -420,7 +419,7 @@ class ProxyServer:
             await asyncio.sleep(self.config.memory_trim_interval_seconds)
             memory.release_free_memory()
 
-    async def _healthz(self, _request: web.Request) -> web.Response:
+    async def _healthz(self, _request: web.BaseRequest) -> web.Response:
         return web.Response(text="ok\n")
 
     def readiness(self) -> dict[str, bool]:
@@ -436,7 +435,7 @@ class ProxyServer:
             checks["namespaces"] = self.nsview.synced
         return checks
 
-    async def _readyz(self, _request: web.Request) -> web.Response:
+    async def _readyz(self, _request: web.BaseRequest) -> web.Response:
         checks = self.readiness()
         ok = all(checks.values())
         body = "".join(
@@ -452,7 +451,7 @@ class ProxyServer:
             status=200 if ok else 503, text=body + ("ok\n" if ok else "not ready\n")
         )
 
-    async def _metrics(self, _request: web.Request) -> web.Response:
+    async def _metrics(self, _request: web.BaseRequest) -> web.Response:
         return web.Response(
             body=self.metrics.render(),
             headers={"Content-Type": EXPOSITION_CONTENT_TYPE},
@@ -543,19 +542,6 @@ class ProxyServer:
         return None
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def probe_app(*, healthz: Handler, readyz: Handler, metrics: Handler) -> web.Application:
-    """The --metrics-listen endpoints (one process's, or the workers' supervisor's)."""
-    app = web.Application()
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/livez", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
-    return app
-
-
 def _sealing_secret(tls_key: str) -> bytes:
     """Key material for sealing continue tokens: the serving key, which replicas share."""
     try:
@@ -567,207 +553,6 @@ def _sealing_secret(tls_key: str) -> bytes:
 
 def _named_resources(policy: Policy) -> frozenset[str]:
     return frozenset(r for rule in policy.rules for r in rule.resources)
-
-
-# -- command line -------------------------------------------------------------------------------
-
-
-def build_parser(prog: str) -> flags.Parser:
-    p = flags.Parser(
-        prog=prog, description="Run the api-proxy in front of kube-apiserver.", env=True
-    )
-    count, seconds = flags.number(), flags.number(float)
-    p.option(
-        "--listen", "HOST:PORT to serve HTTPS on", default="0.0.0.0:4443", type=flags.host_port
-    )
-    p.option("--tls-cert", "serving certificate chain (PEM)", type=flags.path(), required=True)
-    p.option("--tls-key", "serving private key (PEM)", type=flags.path(), required=True)
-    p.option("--peers", "peers file (YAML)", type=flags.path(), required=True)
-    p.option(
-        "--cluster-uuid",
-        "this cluster's UUID: the audience of peer tokens",
-        type=_canonical_uuid,
-        required=True,
-    )
-    p.option("--policy", "access policy (YAML)", type=flags.path(), required=True)
-    p.option("--upstream", "upstream API server URL (else --kubeconfig, else in-cluster)")
-    p.option("--upstream-ca", "CA bundle for --upstream")
-    p.option("--upstream-token-file", "bearer token file for --upstream (re-read on change)")
-    p.option("--kubeconfig", "kubeconfig for the upstream", type=flags.path())
-    p.option("--context", "kubeconfig context (default: current-context)")
-    p.option("--audit-log", "audit log path, or - for stdout (default: no audit log)")
-    p.option(
-        "--audit-max-bytes", "rotate the audit log at this size", default=str(100 * MiB), type=count
-    )
-    p.option(
-        "--audit-backups", "rotated audit logs to keep", default="5", type=flags.number(minimum=0)
-    )
-    p.option(
-        "--metrics-listen",
-        "HOST:PORT for /healthz, /readyz, /metrics (plain HTTP)",
-        type=flags.host_port,
-    )
-    p.option(
-        "--max-watch-seconds",
-        "longest watch stream the proxy keeps open",
-        default="1800",
-        type=seconds,
-    )
-    p.option(
-        "--max-requests-per-peer",
-        "concurrent non-watch requests per peer",
-        default="200",
-        type=count,
-    )
-    p.option("--max-watches-per-peer", "concurrent watches per peer", default="100", type=count)
-    p.option("--max-body-bytes", "largest request body accepted", default=str(3 * MiB), type=count)
-    p.option(
-        "--upstream-timeout-seconds",
-        "read timeout of non-watch requests",
-        default="60",
-        type=seconds,
-    )
-    p.option(
-        "--upstream-max-connections",
-        "upstream connections for non-watch requests (watches have their own connections)",
-        default="1000",
-        type=count,
-    )
-    p.option(
-        "--reload-interval-seconds",
-        "how often watched files are checked",
-        default="2",
-        type=flags.number(float, minimum=0.05),
-    )
-    p.option(
-        "--shutdown-grace-seconds",
-        "time for requests to finish on SIGTERM",
-        default="25",
-        type=flags.number(float, minimum=0),
-    )
-    p.option(
-        "--readiness-probe-interval-seconds", "upstream probe interval", default="10", type=seconds
-    )
-    p.option(
-        "--tls-handshake-timeout-seconds",
-        "time from accept to a done TLS handshake",
-        default="10",
-        type=flags.number(float, minimum=0.1),
-    )
-    p.option(
-        "--request-head-timeout-seconds",
-        "time from the TLS handshake (or a request's first byte) to its complete head",
-        default="20",
-        type=flags.number(float, minimum=0.1),
-    )
-    p.option(
-        "--idle-timeout-seconds",
-        "keep-alive time between a peer's requests",
-        default="90",
-        type=flags.number(float),
-    )
-    p.option(
-        "--max-unauthenticated-connections",
-        "connections not yet authenticated, in total (the oldest is cut for a new one)",
-        default="1000",
-        type=count,
-    )
-    p.option(
-        "--max-unauthenticated-per-source",
-        "connections not yet authenticated per source address (IPv6: per /64); more are reset",
-        default="250",
-        type=count,
-    )
-    p.option(
-        "--max-request-line-bytes",
-        "longest request-target (431 beyond)",
-        default="16384",
-        type=flags.number(minimum=1024),
-    )
-    p.option(
-        "--max-header-bytes",
-        "longest header, name + value (431 beyond)",
-        default="16384",
-        type=flags.number(minimum=1024),
-    )
-    p.option(
-        "--max-headers",
-        "most headers in a request (431 beyond)",
-        default="64",
-        type=flags.number(minimum=16),
-    )
-    p.option(
-        "--workers",
-        f"worker processes sharing the port (SO_REUSEPORT), 1 to {MAX_WORKERS}; "
-        "per-peer limits are divided among them (docs/operations.md)",
-        default="1",
-        type=_workers,
-    )
-    p.log_options()
-    return p
-
-
-MAX_WORKERS = 64
-
-
-def _workers(value: str, flag: str) -> int:
-    n: int = flags.number()(value, flag)
-    if n > MAX_WORKERS:
-        raise UserError(f"{flag}: {value!r} is more than {MAX_WORKERS}")
-    return n
-
-
-def _canonical_uuid(value: str, flag: str) -> str:
-    canonical = uuids.canonical(value)  # compared in one form everywhere (apiproxy/uuids.py)
-    if canonical is None:
-        raise UserError(f"{flag}: {value!r} is not a canonical UUID")
-    return canonical
-
-
-def config_from_args(ns: argparse.Namespace) -> ServeConfig:
-    if ns.upstream and ns.kubeconfig:
-        raise UserError("--upstream and --kubeconfig are mutually exclusive")
-    if (ns.upstream_ca or ns.upstream_token_file) and not ns.upstream:
-        raise UserError("--upstream-ca and --upstream-token-file need --upstream")
-    if ns.context and not ns.kubeconfig:
-        raise UserError("--context needs --kubeconfig")
-    if ns.upstream:
-        up = upstream.from_flags(ns.upstream, ns.upstream_ca, ns.upstream_token_file)
-    elif ns.kubeconfig:
-        up = upstream.from_kubeconfig(ns.kubeconfig, ns.context)
-    else:
-        up = upstream.in_cluster()
-    return ServeConfig(
-        tls_cert=str(ns.tls_cert),
-        tls_key=str(ns.tls_key),
-        peers=str(ns.peers),
-        cluster_uuid=ns.cluster_uuid,
-        policy=str(ns.policy),
-        upstream=up,
-        listen_host=ns.listen[0],
-        listen_port=ns.listen[1],
-        audit_log=ns.audit_log or None,
-        audit_max_bytes=ns.audit_max_bytes,
-        audit_backups=ns.audit_backups,
-        metrics_listen=ns.metrics_listen,
-        max_watch_seconds=ns.max_watch_seconds,
-        max_requests_per_peer=ns.max_requests_per_peer,
-        max_watches_per_peer=ns.max_watches_per_peer,
-        max_body_bytes=ns.max_body_bytes,
-        upstream_timeout_seconds=ns.upstream_timeout_seconds,
-        upstream_max_connections=ns.upstream_max_connections,
-        reload_interval_seconds=ns.reload_interval_seconds,
-        shutdown_grace_seconds=ns.shutdown_grace_seconds,
-        readiness_probe_interval_seconds=ns.readiness_probe_interval_seconds,
-        tls_handshake_timeout_seconds=ns.tls_handshake_timeout_seconds,
-        request_head_timeout_seconds=ns.request_head_timeout_seconds,
-        idle_timeout_seconds=ns.idle_timeout_seconds,
-        max_unauthenticated_connections=ns.max_unauthenticated_connections,
-        max_unauthenticated_per_source=ns.max_unauthenticated_per_source,
-        max_request_line_bytes=ns.max_request_line_bytes,
-        max_header_bytes=ns.max_header_bytes,
-        max_headers=ns.max_headers,
-    )
 
 
 async def serve(
@@ -802,17 +587,6 @@ def _runner_loop_factory() -> Any:
     return uvloop.new_event_loop
 
 
-def main(argv: Sequence[str], prog: str = "apiproxy serve") -> int:
-    ns = build_parser(prog).parse_args(list(argv))
-    log.configure(ns.log_format, ns.log_level)
-    if ns.workers > 1:
-        from apiproxy import workers  # the supervisor, or one of its workers
-
-        return workers.main(ns, argv)
-    run(config_from_args(ns))
-    return 0
-
-
 def run(config: ServeConfig, on_ready: Callable[[], None] | None = None) -> None:
     """Serve `config` in this process until SIGTERM/SIGINT; OS errors are UserErrors."""
     try:
@@ -828,12 +602,4 @@ def run(config: ServeConfig, on_ready: Callable[[], None] | None = None) -> None
         raise UserError(f"cannot serve: {exc.strerror or exc}") from None
 
 
-__all__ = [
-    "ProxyServer",
-    "ServeConfig",
-    "build_parser",
-    "config_from_args",
-    "main",
-    "run",
-    "serve",
-]
+__all__ = ["ProxyServer", "ServeConfig", "run", "serve"]

@@ -22,7 +22,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -48,6 +47,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from apiproxy import __version__, log
 from apiproxy import server as server_mod
 from apiproxy.errors import UserError
+from apiproxy.httpserver import probe_server
 from apiproxy.metrics import EXPOSITION_CONTENT_TYPE
 
 _log = log.get_logger("apiproxy.workers")
@@ -219,14 +219,16 @@ def _die_with_parent(parent: int) -> None:
         raise UserError("the supervisor went away before this worker started")
 
 
-def _run_worker(ns: argparse.Namespace, spec: dict[str, Any]) -> int:
+def _run_worker(
+    workers: int, config: Callable[[], server_mod.ServeConfig], spec: dict[str, Any]
+) -> int:
     index, fd = int(spec["index"]), int(spec["ready_fd"])
     try:
         structlog.contextvars.bind_contextvars(worker=index)
         _die_with_parent(int(spec["parent"]))
-        config = worker_config(
-            server_mod.config_from_args(ns),
-            workers=ns.workers,
+        mine = worker_config(
+            config(),
+            workers=workers,
             index=index,
             port=int(spec["port"]),
             metrics_unix=spec.get("metrics"),
@@ -236,7 +238,7 @@ def _run_worker(ns: argparse.Namespace, spec: dict[str, Any]) -> int:
             os.write(fd, READY)
             os.close(fd)
 
-        server_mod.run(config, on_ready=ready)
+        server_mod.run(mine, on_ready=ready)
     except UserError as exc:  # the supervisor reports it (one line), or logs it on a restart
         with contextlib.suppress(OSError):
             os.write(fd, f"error: {exc}\n".encode())
@@ -307,7 +309,7 @@ class Supervisor:
         self._stop = asyncio.Event()
         self._all_started = asyncio.Event()
         self._out_lock = asyncio.Lock()
-        self._metrics_runner: web.AppRunner | None = None
+        self._metrics_runner: web.ServerRunner | None = None
 
     def socket_path(self, index: int) -> str | None:
         if self.config.metrics_listen is None:
@@ -472,10 +474,8 @@ class Supervisor:
     # -- metrics and health ----------------------------------------------------------------------
 
     async def _start_metrics(self, host: str, port: int) -> None:
-        app = server_mod.probe_app(
-            healthz=self._healthz, readyz=self._readyz, metrics=self._metrics
-        )
-        self._metrics_runner = web.AppRunner(app, access_log=None)
+        probes = probe_server(healthz=self._healthz, readyz=self._readyz, metrics=self._metrics)
+        self._metrics_runner = web.ServerRunner(probes)
         await self._metrics_runner.setup()
         await web.TCPSite(self._metrics_runner, host, port).start()
         self.metrics_port = self._metrics_runner.addresses[0][1]
@@ -497,12 +497,12 @@ class Supervisor:
             _log.warning("worker_unreachable", worker=slot.index, path=path, error=str(exc))
             return None
 
-    async def _healthz(self, _request: web.Request) -> web.Response:
+    async def _healthz(self, _request: web.BaseRequest) -> web.Response:
         live = sum(s.ready for s in self.slots)
         ok = live > 0 and not self.stopping
         return web.Response(status=200 if ok else 503, text=f"{'ok' if ok else 'failed'}\n")
 
-    async def _readyz(self, _request: web.Request) -> web.Response:
+    async def _readyz(self, _request: web.BaseRequest) -> web.Response:
         answers = await asyncio.gather(*(self._get(s, "/readyz") for s in self.slots))
         lines, ok = [], not self.stopping
         for slot, answer in zip(self.slots, answers, strict=True):
@@ -515,43 +515,44 @@ class Supervisor:
         body = "".join(lines) + ("ok\n" if ok else "not ready\n")
         return web.Response(status=200 if ok else 503, text=body)
 
-    async def _metrics(self, _request: web.Request) -> web.Response:
+    async def _metrics(self, _request: web.BaseRequest) -> web.Response:
         answers = await asyncio.gather(*(self._get(s, "/metrics") for s in self.slots))
         texts = [a[1] for a in answers if a is not None and a[0] == 200]
         body = merge(texts) + generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": EXPOSITION_CONTENT_TYPE})
 
 
-def _supervise(ns: argparse.Namespace, argv: Sequence[str]) -> int:
-    config = server_mod.config_from_args(ns)
+def _supervise(argv: Sequence[str], workers: int, config: server_mod.ServeConfig) -> int:
     # Everything a worker would refuse, refused here first, once, before anything starts.
     server_mod.ProxyServer(
-        worker_config(config, workers=ns.workers, index=0, port=0, metrics_unix=None)
+        worker_config(config, workers=workers, index=0, port=0, metrics_unix=None)
     )
     port, held = reserve(config.listen_host, config.listen_port)
-    _log.info("starting", version=__version__, workers=ns.workers)
+    _log.info("starting", version=__version__, workers=workers)
     try:
         with asyncio.Runner() as runner:
-            runner.run(Supervisor(argv, config, ns.workers, port).run())
+            runner.run(Supervisor(argv, config, workers, port).run())
     finally:
         for sock in held:
             sock.close()
     return 0
 
 
-def main(ns: argparse.Namespace, argv: Sequence[str]) -> int:
+def main(argv: Sequence[str], *, workers: int, config: Callable[[], server_mod.ServeConfig]) -> int:
     """`apiproxy serve` with `--workers` > 1: the supervisor, or (`APIPROXY_INTERNAL_WORKER`
-    set by it) one of its workers."""
+    set by it) one of its workers. `argv` is the command line every worker is started with;
+    `config()` builds the configuration from it (apiproxy/serve_cli.py), called here so that a
+    worker reports its errors to the supervisor."""
     raw = os.environ.pop(INTERNAL_ENV, None)
     if raw is None:
-        return _supervise(ns, argv)
+        return _supervise(argv, workers, config())
     try:
         spec = json.loads(raw)
     except ValueError:
         spec = None
     if not isinstance(spec, dict):  # not an assert: python -O must refuse it too
         raise UserError(f"{INTERNAL_ENV}: not set by an apiproxy supervisor")
-    return _run_worker(ns, spec)
+    return _run_worker(workers, config, spec)
 
 
 __all__ = ["MERGE", "Supervisor", "audit_path", "main", "merge", "reserve", "worker_config"]

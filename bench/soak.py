@@ -2,8 +2,9 @@
 
 Three processes on loopback: the simulated kube-apiserver (`apiproxy sim`, with pod churn), the
 proxy (`apiproxy serve`, the command operators run) and this driver (the peer's clients, mTLS as
-peer `cluster-a`). Every `--interval` seconds it prints one line: open watches, watch events
-received, requests and errors, p50/p99 latency of that window, the proxy's RSS and open fds.
+peer `bench-peer`), set up by `bench.harness`. Every `--interval` seconds it prints one line: open
+watches, watch events received, requests and errors, p50/p99 latency of that window, the proxy's
+RSS and open fds.
 At the end it prints a JSON summary (also to `--json`), and exits 1 if any request or watch failed.
 
     .venv/bin/python bench/soak.py                                   # 2,000 watches, 4 minutes
@@ -20,10 +21,8 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import ssl
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,36 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from apiproxy import pki, tokens  # noqa: E402
+from bench.harness import BenchFiles, Child, open_fds, serve_argv, serving_url  # noqa: E402
 
-OWN_UUID = "11111111-1111-4111-8111-111111111111"
-PEER_UUID = "aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa"
-POLICY = """\
-apiVersion: apiproxy/v1
-kind: AccessPolicy
-rules:
-- name: discovery
-  peers: ["*"]
-  apiGroups: [""]
-  resources: [pods, endpoints, services, namespaces, nodes]
-  verbs: [get, list, watch]
-- name: version
-  peers: ["*"]
-  nonResourceURLs: [/version, /api, /api/*, /apis, /apis/*]
-  verbs: [get]
-"""
 WATCHED = ("pods", "services", "endpoints", "namespaces", "nodes")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -89,45 +65,7 @@ def proc_stats(pid: int) -> tuple[float, int]:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 rss = int(line.split()[1]) / 1024
-    try:
-        fds = len(os.listdir(f"/proc/{pid}/fd"))
-    except OSError:
-        fds = -1
-    return rss, fds
-
-
-def setup(tmp: Path) -> None:
-    server_ca = pki.make_ca("soak serving CA")
-    server = pki.server_cert_for_loopback(server_ca)
-    client_ca = pki.make_ca("soak peer CA")
-    client = pki.issue(client_ca, "istiod", client=True)
-    key = ed25519.Ed25519PrivateKey.generate()
-    files = {
-        "tls.crt": server.cert_pem,
-        "tls.key": server.key_pem,
-        "ca.crt": server_ca.cert_pem,
-        "client.crt": client.cert_pem,
-        "client.key": client.key_pem,
-        "policy.yaml": POLICY,
-    }
-    for name, text in files.items():
-        (tmp / name).write_text(text)
-    ca_block = "\n".join("      " + x for x in client_ca.cert_pem.strip().splitlines())
-    key_block = "\n".join("      " + x for x in tokens.public_key_pem(key).strip().splitlines())
-    (tmp / "peers.yaml").write_text(
-        f"peers:\n  - name: cluster-a\n    clusterUUID: {PEER_UUID}\n    clientCA: |\n{ca_block}\n"
-        f"    jwtPublicKey: |\n{key_block}\n"
-    )
-
-
-def wait_port(port: int, deadline: float) -> None:
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"port {port} did not open")
+    return rss, open_fds(pid)
 
 
 async def watch_loop(
@@ -287,60 +225,48 @@ def _p99(values: list[float]) -> float:
 def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="apiproxy-soak-") as d:
         tmp = Path(d)
-        setup(tmp)
-        sim_port, proxy_port = free_port(), free_port()
-        exe = [sys.executable, "-m", "apiproxy"]
+        files = BenchFiles.write(tmp)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        with open(tmp / "procs.log", "wb") as log:
-            sim = subprocess.Popen(
-                [*exe, "sim", "--listen", f"127.0.0.1:{sim_port}", "--token", "soak-token",
-                 "--pods", str(args.pods), "--namespaces", "10", "--churn", str(args.churn),
-                 "--kubeconfig", str(tmp / "kubeconfig"), "--log-level", "warning"],
-                stdout=log, stderr=log, env=env,
-            )  # fmt: skip
-            proxy: subprocess.Popen[bytes] | None = None
-            try:
-                deadline = time.monotonic() + 60
-                wait_port(sim_port, deadline)
-                while not (tmp / "kubeconfig").exists() and time.monotonic() < deadline:
-                    time.sleep(0.1)
-                proxy = subprocess.Popen(
-                    [*exe, "serve", "--listen", f"127.0.0.1:{proxy_port}",
-                     "--tls-cert", str(tmp / "tls.crt"), "--tls-key", str(tmp / "tls.key"),
-                     "--peers", str(tmp / "peers.yaml"), "--cluster-uuid", OWN_UUID,
-                     "--policy", str(tmp / "policy.yaml"),
-                     "--kubeconfig", str(tmp / "kubeconfig"),
-                     "--max-watches-per-peer", str(args.watches + 100),
-                     "--max-requests-per-peer", "1000",
-                     "--upstream-max-connections", str(args.watches + 500),
-                     # One address stands for every peer here, ramping up faster than real ones.
-                     "--max-unauthenticated-per-source", str(args.watches + 500),
-                     "--max-unauthenticated-connections", str(args.watches + 500),
-                     "--audit-log", str(tmp / "audit.log"), "--log-level", "warning"],
-                    stdout=log, stderr=log, env=env,
-                )  # fmt: skip
-                wait_port(proxy_port, deadline)
-                summary = asyncio.run(drive(args, tmp, proxy.pid, proxy_port))
-                summary["audit_log_mib"] = round((tmp / "audit.log").stat().st_size / 2**20, 1)
-            finally:
-                for p in (proxy, sim):
-                    if p is not None and p.poll() is None:
-                        p.send_signal(signal.SIGTERM)
-                for p in (proxy, sim):
-                    if p is not None:
-                        try:
-                            p.wait(30)
-                        except subprocess.TimeoutExpired:
-                            p.kill()
-                            p.wait(10)
-        summary["proxy_exit_code"] = proxy.returncode if proxy else None
+        sim = Child(
+            "sim",
+            [sys.executable, "-m", "apiproxy", "sim", "--listen", "127.0.0.1:0",
+             "--token", "soak-token", "--pods", str(args.pods), "--namespaces", "10",
+             "--churn", str(args.churn), "--kubeconfig", str(tmp / "kubeconfig"),
+             "--log-level", "warning"],
+            None, tmp / "sim.log", env=env,
+        )  # fmt: skip
+        proxy: Child | None = None
+        try:
+            # It binds port 0 and writes the kubeconfig before it says so.
+            while not sim.line(60).startswith("apiproxy sim: serving"):
+                pass
+            extra = [
+                f"--max-watches-per-peer={args.watches + 100}",
+                "--max-requests-per-peer=1000",
+                f"--upstream-max-connections={args.watches + 500}",
+                # One address stands for every peer here, ramping up faster than real ones.
+                f"--max-unauthenticated-per-source={args.watches + 500}",
+                f"--max-unauthenticated-connections={args.watches + 500}",
+            ]
+            argv = serve_argv(
+                files, kubeconfig=tmp / "kubeconfig", audit_log=tmp / "audit.log", extra=extra
+            )
+            proxy = Child("apiproxy", argv, None, tmp / "apiproxy.log", env=env)
+            port = int(serving_url(proxy).rsplit(":", 1)[1])
+            summary = asyncio.run(drive(args, tmp, proxy.pid, port))
+            summary["audit_log_mib"] = round((tmp / "audit.log").stat().st_size / 2**20, 1)
+        finally:
+            code = proxy.stop(signal.SIGTERM) if proxy is not None else None
+            sim.stop(signal.SIGTERM)
+        summary["proxy_exit_code"] = code
         text = json.dumps(summary, indent=2)
         print(text)
         if args.json:
             Path(args.json).write_text(text + "\n")
         failed = summary["request_errors"] or summary["watch_errors"]
         if failed:
-            print((tmp / "procs.log").read_text(errors="replace")[-3000:], file=sys.stderr)
+            for log in ("sim.log", "apiproxy.log"):
+                print((tmp / log).read_text(errors="replace")[-3000:], file=sys.stderr)
         return 1 if failed else 0
 
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Final
 from urllib.parse import unquote
 
 from apiproxy.log import redact_text
+from apiproxy.request import RequestInfo
 from apiproxy.status import REASONS
 
 API_VERSION: Final = "audit.k8s.io/v1"
@@ -23,7 +24,12 @@ LEVEL: Final = "Metadata"
 
 STAGE_RESPONSE_STARTED: Final = "ResponseStarted"
 STAGE_RESPONSE_COMPLETE: Final = "ResponseComplete"
-STAGES: Final = frozenset({STAGE_RESPONSE_STARTED, STAGE_RESPONSE_COMPLETE})
+STAGES: Final = frozenset({STAGE_RESPONSE_STARTED, STAGE_RESPONSE_COMPLETE})  # what we write
+# Stages kube-apiserver writes too; `audit summarize`/`report` read its logs as well.
+STAGE_REQUEST_RECEIVED: Final = "RequestReceived"
+STAGE_PANIC: Final = "Panic"
+# A request's last record: it is over, whichever way it ended.
+FINAL_STAGES: Final = frozenset({STAGE_RESPONSE_COMPLETE, STAGE_PANIC})
 
 # Annotation keys: every key the proxy writes (listed in docs/audit.md).
 DECISION: Final = "authorization.k8s.io/decision"
@@ -161,9 +167,9 @@ def object_ref(
     return {k: v for k, v in ref.items() if v}
 
 
-def object_ref_from_info(info: Any) -> dict[str, str] | None:
-    """The `objectRef` of an `apiproxy.request.RequestInfo` (None for non-resource requests)."""
-    if not getattr(info, "is_resource_request", False):
+def object_ref_from_info(info: RequestInfo) -> dict[str, str] | None:
+    """The `objectRef` of a classified request (None for non-resource requests)."""
+    if not info.is_resource_request:
         return None
     return object_ref(
         resource=info.resource,
@@ -175,8 +181,8 @@ def object_ref_from_info(info: Any) -> dict[str, str] | None:
     )
 
 
-def _status_text(code: int) -> dict[str, Any]:
-    status: dict[str, Any] = {"metadata": {}}
+def _status_text(code: int) -> dict[str, object]:
+    status: dict[str, object] = {"metadata": {}}
     if code >= 400:
         status["status"] = "Failure"
         reason = REASONS.get(code)
@@ -210,7 +216,7 @@ def make_event(
     received: Timestamp,
     stage_time: Timestamp,
     annotations: Mapping[str, object],
-) -> dict[str, Any]:
+) -> dict[str, object]:
     """Build one audit.k8s.io/v1 Event (level Metadata) as a JSON-ready dict.
 
     `object_ref` is None for non-resource requests (use `object_ref()` / `object_ref_from_info()`);
@@ -223,12 +229,12 @@ def make_event(
         raise ValueError(f"stage must be one of {sorted(STAGES)}, not {stage!r}")
     if not audit_id:
         raise ValueError("audit_id is required")
-    user: dict[str, Any] = {"username": username, "groups": list(groups)}
+    user: dict[str, object] = {"username": username, "groups": list(groups)}
     if extra:
         user["extra"] = {
             k: [redact_text(str(v)) for v in values] for k, values in extra.items() if values
         }
-    event: dict[str, Any] = {
+    event: dict[str, object] = {
         "kind": KIND,
         "apiVersion": API_VERSION,
         "level": LEVEL,
@@ -270,9 +276,12 @@ __all__ = [
     "EXTRA_CERT_SUBJECT",
     "EXTRA_CLUSTER_UUID",
     "EXTRA_TOKEN_SUBJECT",
+    "FINAL_STAGES",
     "PEER_GROUP",
     "REASON",
     "RULE",
+    "STAGE_PANIC",
+    "STAGE_REQUEST_RECEIVED",
     "STAGE_RESPONSE_COMPLETE",
     "STAGE_RESPONSE_STARTED",
     "STREAM_DURATION",

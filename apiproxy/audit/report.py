@@ -337,8 +337,10 @@ def render_html(report: Report, top: int = 10, *, generated: datetime | None = N
         )
         if p["watches"]:
             line += f" ({_hours(p['watchHours'])} of watching, {p['watchEvents']} events)"
+        if p["failedWatches"]:
+            line += f", {p['failedWatches']} ended in an error"
         if p["unfinishedWatches"]:
-            line += f", {p['unfinishedWatches']} without a ResponseComplete record"
+            line += f", {p['unfinishedWatches']} without a final record"
         parts.append(line + ".</p>")
         parts.append(
             '<h3 class="legend">Requests over time: <span class="requests">all</span>, '

@@ -4,8 +4,11 @@ Records are read one line at a time (plain, gzip-compressed, or stdin), never co
 longer than `MAX_LINE` bytes, a line that is not JSON, or JSON that is not an audit.k8s.io/v1
 Event is counted as malformed (with the first few locations kept for the report) and skipped.
 
-Each request is counted once, from its ResponseComplete record; a watch's ResponseStarted record
-only feeds the "unfinished watches" figure (started minus completed).
+Each request is counted once, from its final record (ResponseComplete, or Panic in a
+kube-apiserver log); RequestReceived records are skipped. A watch is *unfinished* when its audit ID
+has a ResponseStarted record and no final record anywhere in the files read (in either order: a
+rotated file may be read after the newer one). A watch whose final record says it ended in an
+error (code 400 or more) is finished: it counts as a failed watch, and as an error.
 """
 
 from __future__ import annotations
@@ -28,6 +31,10 @@ MAX_LINE: Final = 1024 * 1024
 MAX_MALFORMED_EXAMPLES: Final = 5
 TOP_KEYS_CAP: Final = 1000  # distinct keys tracked per top-N counter before pruning
 MAX_PEERS: Final = 1000  # distinct peers tracked; the rest are folded into OTHER_PEERS
+# Audit IDs of open watches tracked per peer, and of final records seen before their watch's
+# ResponseStarted record (files read out of order); past these the oldest are let go.
+MAX_OPEN_WATCHES: Final = 100_000
+MAX_EARLY_FINALS: Final = 10_000
 OTHER_PEERS: Final = "(other peers)"
 _GZIP_MAGIC: Final = b"\x1f\x8b"
 
@@ -189,6 +196,9 @@ def _num(text: str, kind: type[int] | type[float]) -> Any:
     return value
 
 
+_READ_STAGES: Final = ev.STAGES | ev.FINAL_STAGES | {ev.STAGE_REQUEST_RECEIVED}
+
+
 def parse_record(obj: dict[str, Any]) -> Rec:
     """Extract and type-check; raises (TypeError, ValueError, KeyError) on a malformed Event."""
     user = obj["user"]
@@ -202,7 +212,7 @@ def parse_record(obj: dict[str, Any]) -> Rec:
     if not isinstance(code, int):
         raise TypeError("responseStatus.code is not an integer")
     stage = _str(obj, "stage")
-    if stage not in ev.STAGES:
+    if stage not in _READ_STAGES:
         raise ValueError(f"unknown stage {stage!r}")
     peer = ev.peer_of(username)
     return Rec(
@@ -324,29 +334,62 @@ class PeerStats:
     errors: int = 0
     bytes_sent: int = 0
     watches: int = 0
-    watches_started: int = 0
+    failed_watches: int = 0  # a final record with code >= 400 (also counted in `errors`)
     watch_seconds: float = 0.0
     watch_events: int = 0
     first: str | None = None
     last: str | None = None
     top_denied: TopCounter = field(default_factory=TopCounter)
     top_authn_failures: TopCounter = field(default_factory=lambda: TopCounter(100))
+    # Audit IDs (insertion-ordered sets): watches started and not yet seen final, and final
+    # watch records not yet matched with a ResponseStarted record.
+    open_watches: dict[str, None] = field(default_factory=dict)
+    early_finals: dict[str, None] = field(default_factory=dict)
+    open_watches_dropped: int = 0  # let go past MAX_OPEN_WATCHES: still counted as unfinished
+
+    @property
+    def unfinished_watches(self) -> int:
+        return len(self.open_watches) + self.open_watches_dropped
+
+    def _watch_started(self, audit_id: str) -> None:
+        if audit_id in self.early_finals:  # its final record came first
+            del self.early_finals[audit_id]
+            return
+        self.open_watches[audit_id] = None
+        if len(self.open_watches) > MAX_OPEN_WATCHES:
+            del self.open_watches[next(iter(self.open_watches))]
+            self.open_watches_dropped += 1
+
+    def _watch_ended(self, audit_id: str) -> None:
+        if audit_id in self.open_watches:
+            del self.open_watches[audit_id]
+            return
+        self.early_finals[audit_id] = None
+        if len(self.early_finals) > MAX_EARLY_FINALS:
+            del self.early_finals[next(iter(self.early_finals))]
 
     def add(self, rec: Rec) -> None:
         if rec.stage == ev.STAGE_RESPONSE_STARTED:
             if rec.verb == "watch":
-                self.watches_started += 1
+                self._watch_started(rec.audit_id)
             return
+        if rec.stage not in ev.FINAL_STAGES:
+            return  # RequestReceived (kube-apiserver): the final record counts the request
+        if rec.verb == "watch":
+            self._watch_ended(rec.audit_id)
         self.requests += 1
         self.bytes_sent += rec.bytes_sent
         if self.first is None or rec.received < self.first:
             self.first = rec.received
         if self.last is None or rec.received > self.last:
             self.last = rec.received
-        if rec.verb == "watch" and rec.code < 400 and not rec.refused:
-            self.watches += 1
-            self.watch_seconds += rec.watch_seconds
-            self.watch_events += rec.watch_events
+        if rec.verb == "watch" and not rec.refused:
+            if rec.code < 400:
+                self.watches += 1
+                self.watch_seconds += rec.watch_seconds
+                self.watch_events += rec.watch_events
+            else:
+                self.failed_watches += 1
         if rec.unauthenticated:
             self.unauthenticated += 1
             self.top_authn_failures.add((rec.authn_failure or f"http-{rec.code}",))
@@ -365,7 +408,8 @@ class PeerStats:
             "errors": self.errors,
             "bytesSent": self.bytes_sent,
             "watches": self.watches,
-            "unfinishedWatches": max(0, self.watches_started - self.watches),
+            "failedWatches": self.failed_watches,
+            "unfinishedWatches": self.unfinished_watches,
             "watchHours": round(self.watch_seconds / 3600, 6),
             "watchEvents": self.watch_events,
             "first": self.first,
@@ -393,7 +437,8 @@ class Summary:
             for name in ("requests", "denied", "unauthenticated", "errors", "bytes_sent"):
                 setattr(total, name, getattr(total, name) + getattr(p, name))
             total.watches += p.watches
-            total.watches_started += p.watches_started
+            total.failed_watches += p.failed_watches
+            total.open_watches_dropped += p.unfinished_watches  # the totals keep no IDs
             total.watch_seconds += p.watch_seconds
             total.watch_events += p.watch_events
         totals = total.to_dict(0)
@@ -491,10 +536,12 @@ def render_table(summary: Summary, top: int = 10) -> str:
     else:
         lines.append("No requests match.")
     for name, p in data["peers"].items():
+        if p["failedWatches"]:
+            lines.append(f"\n{name}: {p['failedWatches']} watch(es) ended in an error")
         if p["unfinishedWatches"]:
             lines.append(
-                f"\n{name}: {p['unfinishedWatches']} watch(es) started without a "
-                "ResponseComplete record (still open at the end of the log, or the proxy stopped)"
+                f"\n{name}: {p['unfinishedWatches']} watch(es) started without a final record "
+                "(still open at the end of the log, or the proxy stopped)"
             )
         if p["topDenied"]:
             approx = " (approximate counts)" if p["topDeniedApproximate"] else ""

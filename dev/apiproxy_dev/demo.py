@@ -10,13 +10,18 @@ empty view) and is refused writes. B's audit log is summarized at the end.
 
 Every step checks what it claims; the first that does not hold prints `FAILED: step N: why` and the
 command exits 1. Everything runs in this process on 127.0.0.1; files live in a temporary directory
-(removed at the end unless --keep).
+(removed at the end unless --keep, or a step failed). The components' logs (JSON, level info) go to
+`components.log` there, never into the story: some of them are expected events of it (the
+refused anonymous request, the first metadata fetch before the other side knows us) that would
+look like errors to someone watching. When a step fails, the last lines of that log are shown
+with the file's path. `--verbose` sends the logs to stderr instead.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import random
@@ -74,6 +79,8 @@ PEERS_SECRET = "apiproxy-peers"  # noqa: S105 - a name
 DEFAULT_POLICY = shipped_policy("istio-remote.yaml")
 WAIT = 20.0  # seconds: the longest any single step waits for an event
 INDENT = "      "
+COMPONENTS_LOG = "components.log"
+LOG_TAIL = 20  # lines of the components' log shown when a step fails
 
 
 class StepFailed(Exception):
@@ -259,6 +266,8 @@ class Demo:
         self.b: Side | None = None
         self.informers: list[Informer] = []
         self.remote: ApiClient | None = None
+        self.log_path = self.tmp / COMPONENTS_LOG
+        self.failed = False
 
     def sides(self) -> tuple[Side, Side]:
         assert self.a is not None
@@ -275,6 +284,15 @@ class Demo:
             "through a narrow, audited door"
         )
         n.line(f"(simulated clusters on 127.0.0.1; files in {self.tmp})")
+        with contextlib.ExitStack() as logs:
+            if not self.opts.verbose:
+                stream = logs.enter_context(self.log_path.open("w", encoding="utf-8"))
+                applog.configure("json", "info", stream=stream)
+                logs.callback(applog.configure, "auto", "warning")  # back to stderr, then close
+            return await self._run(started)
+
+    async def _run(self, started: float) -> int:
+        n = self.say
         steps: list[Callable[[], Awaitable[None]]] = [
             self.step_clusters,
             self.step_federate,
@@ -316,12 +334,24 @@ class Demo:
         if code == 0:
             n.line()
             n.line(f"All {TOTAL_STEPS} steps did what they said, in {elapsed:.1f} s.")
-        if self.opts.keep:
+        if self.opts.keep or self.failed:
             n.line(f"Files kept in {self.tmp}")
         return code
 
     def _failed(self, why: str) -> int:
+        self.failed = True
         self.say.line(f"FAILED: step {max(self.say.step, 1)}: {why}")
+        if self.opts.verbose:
+            return 1  # the logs went to stderr
+        try:
+            lines = self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            lines = []
+        if lines:
+            shown = lines[-LOG_TAIL:]
+            self.say.line(f"The components' last {len(shown)} log lines (all: {self.log_path}):")
+            for line in shown:
+                self.say.line(INDENT + line)
         return 1
 
     async def close(self) -> None:
@@ -342,7 +372,7 @@ class Demo:
                     await side.cluster.close()
         except Exception as exc:
             print(f"apiproxy demo: clean-up: {type(exc).__name__}: {exc}", file=sys.stderr)
-        if not self.opts.keep:
+        if not self.opts.keep and not self.failed:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
     # ------------------------------------------------------------------ 1
@@ -1038,8 +1068,8 @@ def _parser(prog: str) -> flags.Parser:
         description="Play the two-cluster story end to end on simulated clusters, narrating "
         "each step; exit 0 only if every step did what it says.",
     )
-    p.switch("--verbose", "show the components' logs (stderr)")
-    p.switch("--keep", "keep the temporary files; print the path")
+    p.switch("--verbose", "show the components' logs on stderr (else: components.log in the files)")
+    p.switch("--keep", "keep the temporary files (kept anyway when a step fails); print the path")
     p.option(
         "--timeout",
         "overall safety bound",

@@ -83,8 +83,9 @@ class Synth:
         return self.request(peer, "list", uri + "?limit=500", ref)
 
     def watch(
-        self, peer: str = "cluster-b", seconds: float = 1800.0, events: int = 42
+        self, peer: str = "cluster-b", seconds: float = 1800.0, events: int = 42, code: int = 200
     ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A watch's ResponseStarted and final records; `code` is the final record's."""
         received = self.tick()
         common: dict[str, Any] = {
             "audit_id": self._id(),
@@ -96,7 +97,6 @@ class Synth:
             "object_ref": ev.object_ref(
                 resource="endpointslices", api_group="discovery.k8s.io", api_version="v1"
             ),
-            "code": 200,
             "received": received,
         }
         decision = {
@@ -106,12 +106,14 @@ class Synth:
         }
         started = ev.make_event(
             stage=ev.STAGE_RESPONSE_STARTED,
+            code=200,
             stage_time=received + timedelta(milliseconds=2),
             annotations=decision,
             **common,
         )
         done = ev.make_event(
             stage=ev.STAGE_RESPONSE_COMPLETE,
+            code=code,
             stage_time=received + timedelta(seconds=seconds),
             annotations={
                 **decision,

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 
 from apiproxy.audit import events as ev
+from apiproxy.request import classify
 
 MICRO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 
@@ -250,22 +251,13 @@ def test_unknown_stage_is_rejected(synth):
         )
 
 
-def test_object_ref_from_request_info_duck_type():
-    class Info:
-        is_resource_request = True
-        resource = "pods"
-        subresource = "status"
-        namespace = "default"
-        name = "p"
-        api_group = ""
-        api_version = "v1"
-
-    assert ev.object_ref_from_info(Info()) == {
+def test_object_ref_from_request_info():
+    info = classify("GET", "/api/v1/namespaces/default/pods/p/status")
+    assert ev.object_ref_from_info(info) == {
         "resource": "pods",
         "namespace": "default",
         "name": "p",
         "apiVersion": "v1",
         "subresource": "status",
     }
-    Info.is_resource_request = False
-    assert ev.object_ref_from_info(Info()) is None
+    assert ev.object_ref_from_info(classify("GET", "/healthz")) is None

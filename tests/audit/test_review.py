@@ -89,6 +89,64 @@ def test_a_watch_still_open_at_the_end_counts_as_unfinished(tmp_path, synth, log
     assert (b["requests"], b["watches"], b["unfinishedWatches"]) == (0, 0, 1)
 
 
+def test_watches_that_ended_in_an_error_are_failed_never_missing_records(
+    tmp_path, synth, log_writer
+):
+    """A log whose watches all have final records, some of them errors (a kube-apiserver's 422
+    on a watch), reports no watch without a final record, in JSON, the table and the page."""
+    records = []
+    for code in (200, 422, 422, 200, 500):
+        records += synth.watch(code=code, seconds=360)
+    path = log_writer(tmp_path / "audit.log", records)
+    summary = summarize([str(path)])
+    b = summary.to_dict()["peers"]["cluster-b"]
+    assert (b["requests"], b["watches"], b["failedWatches"], b["errors"]) == (5, 2, 3, 3)
+    assert b["unfinishedWatches"] == 0
+    assert b["watchHours"] == 0.2  # the failed ones are not watch time
+    table = review.render_table(summary)
+    assert "3 watch(es) ended in an error" in table
+    assert "final record" not in table
+    out = tmp_path / "report.html"
+    subprocess.run(
+        [APIPROXY, "audit", "report", str(path), "--html", str(out)], check=True, timeout=60
+    )
+    page = out.read_text()
+    assert "3 ended in an error" in page
+    assert "without a final record" not in page
+
+
+def test_unfinished_is_a_started_watch_whose_audit_id_has_no_final_record(
+    tmp_path, synth, log_writer
+):
+    """Matched by audit ID, not by counts: one open watch and one failed watch are one of each,
+    whichever file is read first (a rotated file after the newer one)."""
+    open_started, _ = synth.watch()
+    failed_started, failed_done = synth.watch(code=422)
+    ok_started, ok_done = synth.watch()
+    newer = log_writer(tmp_path / "audit.log", [ok_done, failed_done, open_started])
+    older = log_writer(tmp_path / "audit.log.1", [failed_started, ok_started])
+    for order in ([older, newer], [newer, older]):
+        data = summarize([str(p) for p in order]).to_dict()
+        b = data["peers"]["cluster-b"]
+        assert (b["watches"], b["failedWatches"], b["unfinishedWatches"]) == (1, 1, 1), order
+        assert data["totals"]["unfinishedWatches"] == 1
+        assert "1 watch(es) started without a final record" in review.render_table(
+            summarize([str(p) for p in order])
+        )
+
+
+def test_a_kube_apiserver_log_counts_panic_as_final_and_skips_request_received(
+    tmp_path, synth, log_writer
+):
+    started, done = synth.watch()
+    received = dict(started, stage="RequestReceived", responseStatus={"metadata": {}})
+    panicked = dict(done, stage="Panic", responseStatus={"metadata": {}, "code": 500})
+    data = summarize([str(log_writer(tmp_path / "a.log", [received, started, panicked]))])
+    b = data.to_dict()["peers"]["cluster-b"]
+    assert data.stats.malformed == 0
+    assert (b["requests"], b["failedWatches"], b["unfinishedWatches"]) == (1, 1, 0)
+
+
 def test_malformed_lines_are_counted_never_fatal(tmp_path, synth, log_writer):
     good = synth.allowed_list()
     bad_type = dict(synth.allowed_list(), responseStatus={"code": "200"})

@@ -7,17 +7,15 @@ JWT-checking hops refuse a wrong token, and the table and goals are written.
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from bench import compare
+from bench import compare, harness
+from tests.bench.conftest import BenchRunner
 
-ROOT = Path(__file__).resolve().parents[2]
 NAMES = ["direct", "nginx", "go", "go+jwt", "apiproxy"]
 
 
@@ -26,7 +24,7 @@ def _have_go() -> bool:
 
 
 needs_tools = pytest.mark.skipif(
-    not (_have_go() and compare.nginx_exe() and shutil.which("wrk")),
+    not (_have_go() and harness.nginx_exe() and shutil.which("wrk")),
     reason="needs go (pip install -e '.[bench]'), nginx and wrk (scripts/ensure-tools)",
 )
 
@@ -34,18 +32,9 @@ needs_tools = pytest.mark.skipif(
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 @needs_tools
-def test_compare_smoke_writes_the_issue_table(tmp_path: Path) -> None:
-    out = tmp_path / "compare.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.compare", "--smoke", "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=380,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(out.read_text())
+def test_compare_smoke_writes_the_issue_table(run_bench: BenchRunner) -> None:
+    run = run_bench("bench.compare", "--smoke")
+    res, out = run.result, run.out
     assert res["kind"] == "smoke"
     assert res["contenders"] == NAMES
     assert res["loadavg_start"]
@@ -93,7 +82,7 @@ def test_go_jwt_hop_refuses_a_token_it_cannot_verify(tmp_path: Path) -> None:
             conn = http.client.HTTPSConnection(host, int(port), context=ctx, timeout=10)
             try:
                 conn.request(
-                    "GET", compare.SMALL_PATH, headers={"Authorization": f"Bearer {token}"}
+                    "GET", harness.SMALL_PATH, headers={"Authorization": f"Bearer {token}"}
                 )
                 resp = conn.getresponse()
                 resp.read()

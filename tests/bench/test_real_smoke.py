@@ -4,36 +4,19 @@ ran every part, the numbers are plausible, both LIST encodings were really used)
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench.conftest import CONTENDERS, BenchRunner
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_real_upstream_smoke_run_writes_plausible_results(tmp_path: Path) -> None:
-    out = tmp_path / "real-smoke.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.real", "--smoke", "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=380,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(out.read_text())
+def test_real_upstream_smoke_run_writes_plausible_results(run_bench: BenchRunner) -> None:
+    res = run_bench("bench.real", "--smoke").result
     assert "error" not in res
     assert res["kind"] == "real-smoke"
     assert res["upstream"]["pods"] == 10 + 20 + 300  # small + churn + the LIST namespaces
-    has_nginx = shutil.which("nginx") is not None or Path("/usr/sbin/nginx").exists()
-    expected = ["direct", "nginx", "apiproxy"] if has_nginx else ["direct", "apiproxy"]
+    expected = CONTENDERS
     assert res["contenders"] == expected
 
     for key in ("1/max", "1/paced", "5/max", "5/paced"):

@@ -3,30 +3,15 @@ nothing refused, and the bytes it reports are the pods it listed (no performance
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench.conftest import BenchRunner
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_rotation_smoke(tmp_path: Path) -> None:
-    out = tmp_path / "rotation.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.rotation", "--pods", "300", "--runs", "1", "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=280,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(out.read_text())
+def test_rotation_smoke(run_bench: BenchRunner) -> None:
+    res = run_bench("bench.rotation", "--pods", "300", "--runs", "1", timeout=280).result
     assert [r["watchList"] for r in res["runs"]] == [False, True]
     for run in res["runs"]:
         assert run["refused"] == 0

@@ -6,41 +6,27 @@ from rotting (every part ran, produced plausible non-zero numbers, and the table
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench.conftest import CONTENDERS, HAS_NGINX, BenchRunner
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_smoke_run_writes_plausible_results(tmp_path: Path) -> None:
-    out = tmp_path / "smoke.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--smoke", "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=380,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "targets (medians):" in proc.stdout
-    res = json.loads(out.read_text())
+def test_smoke_run_writes_plausible_results(run_bench: BenchRunner) -> None:
+    run = run_bench("bench.run", "--smoke")
+    assert "targets (medians):" in run.stdout
+    res = run.result
 
     assert res["kind"] == "smoke"
     m = res["machine"]
     for key in ("cpu_model", "cores", "kernel", "python", "aiohttp", "commit"):
         assert m[key], key
-    has_nginx = shutil.which("nginx") is not None or Path("/usr/sbin/nginx").exists()
-    expected = ["direct", "nginx", "apiproxy"] if has_nginx else ["direct", "apiproxy"]
+    expected = CONTENDERS
     assert res["contenders"] == expected
-    if not has_nginx:
+    if not HAS_NGINX:
         assert any("nginx" in n for n in res["notes"])
 
     if shutil.which("wrk"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -15,6 +16,19 @@ from apiproxy_dev import demo
 
 STEPS = demo.TOTAL_STEPS
 POLICY = Path(__file__).resolve().parents[2] / "policies" / "istio-remote.yaml"
+
+
+def log_lines(text: str) -> list[str]:
+    """Lines that are a component's log record (JSON with an event name), wherever they are."""
+    found = []
+    for line in text.splitlines():
+        try:
+            obj = json.loads(line.strip())
+        except ValueError:
+            continue
+        if isinstance(obj, dict) and "event" in obj:
+            found.append(line)
+    return found
 
 
 def _audit_row(stdout: str, peer: str) -> dict[str, str]:
@@ -42,6 +56,11 @@ def test_demo_plays_the_whole_story() -> None:
     out, err = proc.stdout, proc.stderr
     assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{err}"
     assert "FAILED" not in out
+    # The story alone: the components' logs (the refused anonymous request and the first
+    # metadata fetches are expected warnings) went to components.log, not to the terminal.
+    assert err == ""
+    assert log_lines(out) == []
+    assert "log lines" not in out
     for n in range(1, STEPS + 1):
         assert f"\n[{n}/{STEPS}] " in out, f"step {n} missing:\n{out}"
     assert out.count("\n      ok (") == STEPS
@@ -119,18 +138,33 @@ def test_a_policy_granting_secrets_fails_the_refusal_step(
         assert f"[{STEPS}/{STEPS}]" not in out
         assert "All 12 steps" not in out
         assert (Path(kept.group(1)) / "cluster-b" / "audit.log").is_file()
+        # The failure shows the components' last log lines, after the story, and their file.
+        story, _, tail = out.partition("FAILED: step 11")
+        assert log_lines(story) == []
+        pointer = re.search(r"The components' last (\d+) log lines \(all: (\S+)\):", tail)
+        assert pointer, tail
+        assert pointer.group(2) == str(Path(kept.group(1)) / demo.COMPONENTS_LOG)
+        assert Path(pointer.group(2)).is_file()
+        assert len(log_lines(tail)) == int(pointer.group(1)) > 0
     finally:
         shutil.rmtree(kept.group(1), ignore_errors=True)
 
 
 def test_the_overall_timeout_names_the_step(capsys: pytest.CaptureFixture[str]) -> None:
     code = demo.main(["--timeout", "0.01"], prog="apiproxy demo")
-    out = capsys.readouterr().out
-    assert code == 1
-    assert re.search(r"FAILED: step \d+: not finished within --timeout 0.01 s", out), out
+    captured = capsys.readouterr()
+    out = captured.out
     files = re.search(r"files in (\S+)\)", out)
     assert files
-    assert not Path(files.group(1)).exists()
+    try:
+        assert code == 1
+        assert re.search(r"FAILED: step \d+: not finished within --timeout 0.01 s", out), out
+        # A failed run keeps its files, for the components' log it points at.
+        assert f"Files kept in {files.group(1)}" in out
+        assert (Path(files.group(1)) / demo.COMPONENTS_LOG).is_file()
+        assert captured.err == ""
+    finally:
+        shutil.rmtree(files.group(1), ignore_errors=True)
 
 
 def test_bad_flags_are_one_clear_error(tmp_path: Path) -> None:

@@ -33,6 +33,10 @@ FOREIGN_MESH = {
 FOREIGN_NETWORKS = {"networks": {"net-foreign": {"endpoints": [{"fromCidr": "10.9.0.0/16"}]}}}
 
 
+# Long enough for any good fetch on a loaded machine; a peer that never answers costs this once.
+FETCH_TIMEOUT = 3.0
+
+
 async def eventually(
     check: Callable[[], Awaitable[Any] | Any],
     *,
@@ -88,7 +92,7 @@ class Cluster:
             resync_interval=60.0,
             backoff_base=0.2,
             backoff_max=1.0,
-            fetch_timeout=3.0,
+            fetch_timeout=FETCH_TIMEOUT,
         )
         for k, v in overrides.items():
             setattr(cfg, k, v)
@@ -202,6 +206,7 @@ class FakePeer:
         # Fields replaced in the private document (crafted identities for conflict tests).
         self.private_overrides: dict[str, Any] = {}
         self.release = asyncio.Event()
+        self.stalled = asyncio.Event()  # a request reached mode "slow" and is being held
         self.hits: dict[str, int] = {}
         self.runner: web.AppRunner | None = None
         self.port = 0
@@ -236,7 +241,8 @@ class FakePeer:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.hits[self.mode] = self.hits.get(self.mode, 0) + 1
-        if self.mode == "slow":
+        if self.mode == "slow" and request.path == PUBLIC_PATH:
+            self.stalled.set()
             await self.release.wait()  # answers only after the test is over
         if self.mode == "invalid-json":
             return web.Response(text='{"clusterUUID": ', content_type="application/json")
@@ -284,7 +290,7 @@ async def setup_three(
     ("c"); both federate back. Returns them after convergence."""
     a, b, c = await clusters("a"), await clusters("bb"), await clusters("ccc")
     tls = {"exporter_tls_cert": exporter_tls[0], "exporter_tls_key": exporter_tls[1]}
-    fa = await a.federation(**tls, fetch_timeout=0.5)
+    fa = await a.federation(**tls)
     fb = await b.federation(**tls)
     fc = await c.federation(**tls)
     fake = FakePeer(fb.exporter_url, test_ca, exporter_tls)

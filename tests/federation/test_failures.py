@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 from apiproxy.federation.controller import PRIVATE, PUBLIC
+from tests.federation.conftest import FETCH_TIMEOUT
 
 
 def _artifacts(a) -> tuple[Any, ...]:
@@ -21,15 +22,18 @@ async def test_misbehaving_peer_keeps_the_last_good_artifacts(three):
     a, fa, fake = three.a, three.fa, three.fake
     good = _artifacts(a)
     cases = [
-        ("slow", "FetchFailed", "timed out after 0.5s"),
+        ("slow", "FetchFailed", f"timed out after {FETCH_TIMEOUT:g}s"),
         ("invalid-json", "InvalidJSON", "not JSON"),
         ("no-root", "InvalidPublicMetadata", "rootCA"),
         ("nested-json", "InvalidJSON", "not JSON"),
     ]
     for mode, reason, text in cases:
         fake.mode = mode
-        # Bounded by the fetch timeout, whatever the peer does: "slow" fails by its message.
+        fake.stalled.clear()
+        # Bounded by the fetch timeout, whatever the peer does: "slow" holds the public document
+        # until the test ends, and the pass ends when the fetch gives up on it.
         report = await fa.reconcile()
+        assert fake.stalled.is_set() == (mode == "slow"), mode
         cond = a.condition("b", PUBLIC)
         assert (mode, cond["status"], cond["reason"]) == (mode, "False", reason)
         assert text in cond["message"]

@@ -78,6 +78,10 @@ class Response:
     def header(self, name: str) -> str | None:
         return next((v for k, v in self.headers if k.lower() == name.lower()), None)
 
+    def assert_anonymous(self) -> None:
+        """No `Server` header: an answer never names the implementation (or the upstream's)."""
+        assert not [v for k, v in self.headers if k.lower() == "server"], self.headers
+
 
 def parse_responses(raw: bytes) -> list[Response]:
     """Split a byte stream of HTTP/1.1 responses (Content-Length, chunked or read-to-EOF)."""
@@ -182,6 +186,8 @@ class Stack:
         raw = await self.raw(data, who)
         responses = parse_responses(raw)
         assert responses, f"no response to {method} {target!r}: {raw[:200]!r}"
+        for resp in responses:  # whatever a hardening test sends, the answer names nothing
+            resp.assert_anonymous()
         return responses[0]
 
     def metric(self, name: str, **labels: str) -> float:

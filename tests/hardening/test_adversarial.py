@@ -91,6 +91,8 @@ async def test_adversarial_request(stack: Stack, case: Case) -> None:
         raise AssertionError(f"connection failed: {exc!r}") from exc
     responses = parse_responses(raw)
     assert responses, f"no response at all: {raw[:200]!r}"
+    for r in responses:  # refused, forwarded or answered by aiohttp itself: no Server header
+        r.assert_anonymous()
     resp = responses[0]
     # Never a server error from the proxy itself (5xx only where the case says so, e.g. 501).
     assert resp.status < 500 or resp.status in case.codes, (resp.status, resp.body[:300])

@@ -5,6 +5,9 @@ and records the request line, the raw head, the headers in order and the decoded
 request. It answers like kube-apiserver would for the paths the suite uses: `/version`, a list
 (fixed JSON body with Content-Length) and watches (chunked JSON lines fed from `broadcast()`).
 
+Every answer names its server (`SERVER`), as an upstream behind a load balancer might; the
+proxy must never pass it on. Mode "upgrade" answers an upgrade request with `101` and closes.
+
 Fault modes (`mode`): "normal", "garbage" (non-HTTP bytes), "reset" (RST instead of an answer),
 "hang" (never answers), "slow" (answers after `delay` seconds), "kill_watch" (watches send one
 event and then the socket is aborted mid-chunk), "truncate" (a Content-Length answer whose body is
@@ -22,6 +25,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 VERSION_BODY = b'{"major":"1","minor":"32","gitVersion":"v1.32.0"}'
+SERVER = b"Server: upstream-product/9.9.9 (Linux)\r\n"
+UPGRADED = (
+    b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n"
+    + SERVER
+    + b"\r\n"
+)
 LIST_BODY = b'{"kind":"PodList","apiVersion":"v1","metadata":{"resourceVersion":"1"},"items":[]}'
 
 
@@ -212,6 +221,10 @@ class RawUpstream:
                     )
                     await writer.drain()
                     return
+                if self.mode == "upgrade" and any(k.lower() == "upgrade" for k, _ in headers):
+                    writer.write(UPGRADED)
+                    await writer.drain()
+                    return
                 if self.statuses:
                     await _respond(writer, self.statuses.pop(0), self.list_body)
                     continue
@@ -231,7 +244,8 @@ class RawUpstream:
     async def _watch(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(
             b"HTTP/1.1 200 OK\r\nContent-Type: application/json;stream=watch\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n"
+            + SERVER
+            + b"Transfer-Encoding: chunked\r\n\r\n"
         )
         await writer.drain()
         queue: asyncio.Queue[bytes | None] = asyncio.Queue()
@@ -280,7 +294,7 @@ def _rst(writer: asyncio.StreamWriter) -> None:
 
 async def _respond(writer: asyncio.StreamWriter, status: int, body: bytes) -> None:
     writer.write(
-        b"HTTP/1.1 %d OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-        % (status, len(body), body)
+        b"HTTP/1.1 %d OK\r\nContent-Type: application/json\r\n%sContent-Length: %d\r\n\r\n%s"
+        % (status, SERVER, len(body), body)
     )
     await writer.drain()

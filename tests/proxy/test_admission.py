@@ -29,7 +29,8 @@ from structlog.testing import capture_logs
 from apiproxy import upstream
 from apiproxy.admission import WHY, source_key
 from apiproxy.errors import UserError
-from apiproxy.server import ProxyServer, ServeConfig, build_parser, config_from_args
+from apiproxy.serve_cli import build_parser, config_from_args
+from apiproxy.server import ProxyServer, ServeConfig
 from tests.proxy.conftest import (
     OWN_UUID,
     Files,

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import signal
 import ssl
-import sys
 from pathlib import Path
 
 import aiohttp
@@ -15,7 +12,7 @@ import pytest
 
 from apiproxy import cli, pki, tokens
 from apiproxy.errors import UserError
-from apiproxy.server import build_parser, config_from_args
+from apiproxy.serve_cli import build_parser, config_from_args
 from tests.proxy.conftest import (
     OWN_UUID,
     ProxyFactory,
@@ -23,6 +20,7 @@ from tests.proxy.conftest import (
     World,
     make_files,
 )
+from tests.proxy.serving import serve_process
 
 
 async def get_status(ctx: ssl.SSLContext, url: str) -> int:
@@ -174,38 +172,7 @@ def test_bad_files_are_refused_before_serving(world: World, tmp_path: Path) -> N
 async def test_serve_process_answers_and_exits_cleanly_on_sigterm(
     world: World, recorder: Recorder, tmp_path: Path
 ) -> None:
-    files = make_files(world, tmp_path)
-    env = {
-        **os.environ,
-        "APIPROXY_CLUSTER_UUID": OWN_UUID,
-        "APIPROXY_PEERS": str(files.peers),
-        "APIPROXY_POLICY": str(files.policy),
-    }
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "apiproxy",
-        "serve",
-        "--listen=127.0.0.1:0",
-        f"--tls-cert={files.tls_cert}",
-        f"--tls-key={files.tls_key}",
-        f"--upstream={recorder.url}",
-        f"--upstream-ca={files.upstream_ca}",
-        f"--upstream-token-file={files.token}",
-        "--log-format=json",
-        env=env,
-        stderr=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.DEVNULL,
-    )
-    assert proc.stderr is not None
-    port = None
-    try:
-        while port is None:
-            line = await asyncio.wait_for(proc.stderr.readline(), 30)
-            assert line, "serve exited before serving"
-            rec = json.loads(line)
-            if rec.get("event") == "serving":
-                port = int(rec["listen"].rsplit(":", 1)[1])
+    async with serve_process(world, recorder.url, tmp_path) as served:
         ctx = world.client_ssl(None, tmp_path)
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s:
             token = tokens.mint(
@@ -216,14 +183,12 @@ async def test_serve_process_answers_and_exits_cleanly_on_sigterm(
                 ttl_seconds=60,
             )
             async with s.get(
-                f"https://127.0.0.1:{port}/api/v1/pods",
+                f"https://127.0.0.1:{served.port}/api/v1/pods",
                 headers={"Authorization": f"Bearer {token}"},
             ) as resp:
                 assert resp.status == 200
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        code = await asyncio.wait_for(proc.wait(), 30)
-        rest = await proc.stderr.read()
+        served.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(served.proc.wait(), 30)
+        await served.wait(lambda: served.find("stopped"))
     assert code == 0
-    assert b'"event": "stopped"' in rest or b'"event":"stopped"' in rest
-    assert token not in rest.decode()
+    assert not any(token.encode() in line for line in served.lines)

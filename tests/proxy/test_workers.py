@@ -4,15 +4,13 @@ supervisor's merged metrics, reload, restarts and shutdown; the metric merge and
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,128 +24,12 @@ from apiproxy.errors import UserError
 from apiproxy.metrics import Metrics
 from apiproxy.server import ServeConfig
 from tests.proxy.conftest import OWN_UUID, POLICY, Files, Recorder, World, make_files
-
-
-@dataclass
-class Served:
-    """`apiproxy serve --workers 2` as a child process; its stderr (the supervisor's and the
-    workers' JSON logs) is read into `events` as it comes."""
-
-    proc: asyncio.subprocess.Process
-    files: Files
-    events: list[dict[str, Any]] = field(default_factory=list)
-    stdout: list[bytes] = field(default_factory=list)
-    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
-    port: int = 0
-    metrics_port: int = 0
-
-    async def _read(self, stream: asyncio.StreamReader, into: Callable[[bytes], None]) -> None:
-        while line := await stream.readline():
-            into(line)
-            async with self.changed:
-                self.changed.notify_all()
-
-    def _event(self, line: bytes) -> None:
-        try:
-            self.events.append(json.loads(line))
-        except ValueError:
-            self.events.append({"event": "unparsed", "line": line.decode(errors="replace")})
-
-    def start_reading(self) -> list[asyncio.Task[None]]:
-        assert self.proc.stderr is not None
-        assert self.proc.stdout is not None
-        return [
-            asyncio.create_task(self._read(self.proc.stderr, self._event)),
-            asyncio.create_task(self._read(self.proc.stdout, self.stdout.append)),
-        ]
-
-    async def wait(self, test: Callable[[], Any], within: float = 30) -> Any:
-        """Wait until `test()` is truthy, re-checked on every new log or output line."""
-
-        async def until() -> Any:
-            async with self.changed:
-                while not (result := test()):
-                    await self.changed.wait()
-                return result
-
-        return await asyncio.wait_for(until(), within)
-
-    def find(self, event: str, **fields: Any) -> list[dict[str, Any]]:
-        return [
-            e
-            for e in self.events
-            if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())
-        ]
-
-
-@contextlib.asynccontextmanager
-async def serve_workers(
-    world: World, recorder: Recorder, tmp_path: Path, *extra: str, audit: str | None = None
-) -> AsyncIterator[Served]:
-    files = make_files(world, tmp_path)
-    env = {
-        **os.environ,
-        "APIPROXY_CLUSTER_UUID": OWN_UUID,
-        "APIPROXY_PEERS": str(files.peers),
-        "APIPROXY_POLICY": str(files.policy),
-        "APIPROXY_WORKERS": "2",
-    }
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "apiproxy",
-        "serve",
-        "--listen=127.0.0.1:0",
-        "--metrics-listen=127.0.0.1:0",
-        f"--tls-cert={files.tls_cert}",
-        f"--tls-key={files.tls_key}",
-        f"--upstream={recorder.url}",
-        f"--upstream-ca={files.upstream_ca}",
-        f"--upstream-token-file={files.token}",
-        f"--audit-log={audit or files.audit}",
-        "--reload-interval-seconds=3600",  # reloads come from SIGHUP only
-        "--log-format=json",
-        *extra,
-        env=env,
-        stderr=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-    )
-    served = Served(proc, files)
-    readers = served.start_reading()
-    try:
-        serving = await served.wait(lambda: served.find("serving", workers=2), 60)
-        served.port = int(serving[0]["listen"].rsplit(":", 1)[1])
-        served.metrics_port = int(serving[0]["metrics"])
-        yield served
-    finally:
-        if proc.returncode is None:
-            _kill(proc.pid)  # first, or it would restart the workers
-        for pid in worker_pids(served):
-            _kill(pid)
-        await proc.wait()  # and the workers' end of the pipes closed
-        await asyncio.gather(*readers, return_exceptions=True)
-
-
-def worker_pids(served: Served) -> set[int]:
-    return {int(e["pid"]) for e in served.find("worker_started")}
-
-
-def _kill(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+from tests.proxy.serving import Served, alive, serve_process
 
 
 @pytest.fixture
 async def served(world: World, recorder: Recorder, tmp_path: Path) -> AsyncIterator[Served]:
-    async with serve_workers(world, recorder, tmp_path) as s:
+    async with serve_process(world, recorder.url, tmp_path, workers=2) as s:
         yield s
 
 
@@ -265,7 +147,7 @@ async def test_two_workers_share_the_port_and_the_supervisor_merges_and_supervis
     assert (status, body.splitlines()[:2]) == (200, ["[+]worker-0 ok", "[+]worker-1 ok"])
 
     # SIGTERM: the supervisor stops the workers, waits for them and exits 0.
-    pids = worker_pids(served)
+    pids = served.worker_pids()
     assert len(pids) == 3
     assert all(alive(p) for p in pids - {victim})
     served.proc.send_signal(signal.SIGTERM)
@@ -283,7 +165,7 @@ async def test_two_workers_share_the_port_and_the_supervisor_merges_and_supervis
 async def test_audit_to_stdout_comes_out_in_whole_records(
     world: World, recorder: Recorder, tmp_path: Path
 ) -> None:
-    async with serve_workers(world, recorder, tmp_path, audit="-") as served:
+    async with serve_process(world, recorder.url, tmp_path, workers=2, audit="-") as served:
         statuses = await asyncio.gather(*(get(world, tmp_path, served.port) for _ in range(30)))
         assert statuses == [200] * 30
         await served.wait(lambda: len(served.stdout) >= 30)
@@ -295,8 +177,8 @@ async def test_audit_to_stdout_comes_out_in_whole_records(
 async def test_workers_do_not_outlive_a_killed_supervisor(
     world: World, recorder: Recorder, tmp_path: Path
 ) -> None:
-    async with serve_workers(world, recorder, tmp_path) as served:
-        pids = worker_pids(served)
+    async with serve_process(world, recorder.url, tmp_path, workers=2) as served:
+        pids = served.worker_pids()
         assert len(pids) == 2
         # No chance to stop them: PR_SET_PDEATHSIG sends them SIGTERM. (Not `proc.wait()`: on
         # Python 3.11 it also waits for the stderr pipe, which the workers hold.)

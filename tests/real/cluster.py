@@ -1,8 +1,9 @@
 """A real etcd + kube-apiserver pair on loopback, envtest-style.
 
-The binaries come from KUBEBUILDER_ASSETS, or from `scripts/kube-assets`, which builds Kubernetes
-1.20.2 from Debian's source package once and caches it. Nothing here skips: a missing binary, a
-server that does not come up, or one that died while the suite used it fails the run loudly.
+The binaries come from KUBEBUILDER_ASSETS, or from `scripts/kube-assets`, which builds the pinned
+Kubernetes release (tools/kube) and etcd (tools/etcd) from Go modules once and caches them.
+Nothing here skips: a missing binary, a server that does not come up, or one that died while the
+suite used it fails the run loudly.
 """
 
 from __future__ import annotations
@@ -63,10 +64,6 @@ def version_flags(version: tuple[int, int]) -> list[str]:
         flags.append("--insecure-port=0")
     if version < (1, 26):
         flags.append("--logtostderr=true")
-    if version >= (1, 37):
-        # 1.37 refuses a loopback --advertise-address with the default (lease) endpoint
-        # reconciler; the tests need no `kubernetes` Endpoints reconciled.
-        flags.append("--endpoint-reconciler-type=none")
     return flags
 
 
@@ -85,6 +82,9 @@ class KubeCluster:
     assets: Path
     name: str = "real"
     extra_args: list[str] = field(default_factory=list)
+    # Write the apiserver's own audit log (audit.log, every request at Metadata level): what a
+    # peer's requests really cost upstream, seen from the server.
+    audit: bool = False
     workdir: Path = field(init=False)
     port: int = 0
     etcd_port: int = 0
@@ -92,6 +92,7 @@ class KubeCluster:
     ca: pki.KeyPair = field(init=False, repr=False)
     _etcd: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _apiserver: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+    _kcm: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -126,10 +127,13 @@ class KubeCluster:
 
     def check_alive(self) -> None:
         """Fail loudly if either process has exited (e.g. a runtime crash mid-suite)."""
-        for proc, what, log in (
+        procs = [
             (self._etcd, "etcd", "etcd.log"),
             (self._apiserver, "kube-apiserver", "apiserver.log"),
-        ):
+        ]
+        if self._kcm is not None:
+            procs.append((self._kcm, "kube-controller-manager", "controller-manager.log"))
+        for proc, what, log in procs:
             if proc is None or proc.poll() is not None:
                 code = None if proc is None else proc.returncode
                 raise ClusterDied(f"{self.name}: {what} exited ({code}):\n{self.log_tail(log)}")
@@ -258,6 +262,30 @@ class KubeCluster:
         if status not in (201, 409):
             raise AssertionError(f"create namespace {name} -> {status}: {out}")
 
+    def start_controller_manager(self, controllers: str = "endpointslice") -> None:
+        """kube-controller-manager running only `controllers` (EndpointSlices, by default, come
+        from the real controller). No kubelet runs, so the node lifecycle and pod GC controllers
+        stay off: they would mark the test's pods NotReady or delete them."""
+        kubeconfig = self.kubeconfig(self.workdir / "controller-manager.kubeconfig")
+        self._kcm = self._spawn(
+            "controller-manager.log",
+            str(self.assets / "kube-controller-manager"),
+            f"--kubeconfig={kubeconfig}",
+            f"--controllers={controllers}",
+            "--leader-elect=false",
+            "--secure-port=0",
+            "--use-service-account-credentials=false",
+            "--v=1",
+        )
+
+    def audit_records(self) -> list[dict[str, Any]]:
+        """The apiserver's audit log (`audit=True`), one dict per event."""
+        assert self.audit, "this cluster was started without audit=True"
+        path = self.workdir / "audit.log"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
     # -- internals ------------------------------------------------------------------------------
 
     def _write_credentials(self) -> None:
@@ -311,6 +339,9 @@ class KubeCluster:
             f"--etcd-prefix=/{self.name}",
             "--bind-address=127.0.0.1",
             "--advertise-address=127.0.0.1",
+            # Nothing routes to the `kubernetes` Service here, and from 1.37 the endpoint
+            # reconciler refuses a loopback advertise address.
+            "--endpoint-reconciler-type=none",
             f"--secure-port={self.port}",
             *version_flags(server_version(self.assets)),
             f"--cert-dir={w}",
@@ -330,8 +361,24 @@ class KubeCluster:
             "--allow-privileged=false",
             "--profiling=false",
             "--v=1",
+            *self._audit_flags(),
             *self.extra_args,
         )
+
+    def _audit_flags(self) -> list[str]:
+        if not self.audit:
+            return []
+        policy = self.workdir / "audit-policy.yaml"
+        policy.write_text(
+            "apiVersion: audit.k8s.io/v1\nkind: Policy\n"
+            "omitStages: [RequestReceived]\nrules:\n- level: Metadata\n"
+        )
+        return [
+            f"--audit-policy-file={policy}",
+            f"--audit-log-path={self.workdir / 'audit.log'}",
+            "--audit-log-mode=blocking",
+            "--audit-log-format=json",
+        ]
 
     def _spawn(self, log: str, *argv: str) -> subprocess.Popen[bytes]:
         out = (self.workdir / log).open("ab")
@@ -366,7 +413,7 @@ class KubeCluster:
             time.sleep(0.2)
 
     def _stop_processes(self) -> None:
-        for proc in (self._apiserver, self._etcd):
+        for proc in (self._kcm, self._apiserver, self._etcd):
             if proc is not None and proc.poll() is None:
                 proc.terminate()
                 try:
@@ -374,7 +421,7 @@ class KubeCluster:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-        self._apiserver = self._etcd = None
+        self._kcm = self._apiserver = self._etcd = None
 
 
 class _PortTaken(Exception):

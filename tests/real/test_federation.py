@@ -15,7 +15,6 @@ import base64
 import json
 import subprocess
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,69 +31,15 @@ from apiproxy.federation.controller import FINALIZER, PRIVATE, PUBLIC, REMOTE_AP
 from apiproxy.federation.main import LEASE_NAME, Federation, FederationConfig
 from apiproxy.server import ProxyServer, ServeConfig
 from tests.real.cluster import KubeCluster
+from tests.real.deploy import IMC, ROOT, docs, provision, ready_node, wait_established
 from tests.tools import KUBECTL
 
-ROOT = Path(__file__).resolve().parents[2]
-BASE = ROOT / "deploy" / "base"
 POLICY = ROOT / "policies" / "istio-remote.yaml"
-IMC = "/apis/deckhouse.io/v1alpha1/istiomulticlusters"
-SHIPPED = (
-    "namespace.yaml",
-    "crd-istiomulticluster.yaml",
-    "api-proxy-serviceaccount.yaml",
-    "api-proxy-rbac.yaml",
-    "api-proxy-clusterrolebinding.yaml",
-    "federation-serviceaccount.yaml",
-    "federation-rbac.yaml",
-    "federation-lease.yaml",
-)
 
 GATEWAY_NODE_IP = "192.0.2.77"
 GATEWAY_NODE_PORT = 31443
 
 pytestmark = pytest.mark.slow
-
-
-def _docs(name: str) -> list[dict[str, Any]]:
-    return [d for d in yaml.safe_load_all((BASE / name).read_text()) if d]
-
-
-def _provision(kube: KubeCluster, root: pki.KeyPair) -> None:
-    """What an operator installs (deploy/base) plus what Istio would have put in istio-system."""
-    kube.ensure_namespace("istio-system")
-    for name in SHIPPED:
-        for doc in _docs(name):
-            kube.apply(doc)
-            if doc["kind"] == "CustomResourceDefinition":
-                _wait_established(kube, doc["metadata"]["name"])
-    kube.apply(
-        {
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": {"name": "istio-ca-root-cert", "namespace": "istio-system"},
-            "data": {"root-cert.pem": root.cert_pem},
-        }
-    )
-    kube.apply(
-        {
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": {"name": "istio", "namespace": "istio-system"},
-            "data": {"mesh": "trustDomain: cluster.local\n", "meshNetworks": "networks: {}\n"},
-        }
-    )
-
-
-def _wait_established(kube: KubeCluster, name: str) -> None:
-    path = f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}"
-    deadline = time.monotonic() + 30
-    while True:
-        out = kube.ok("GET", path)
-        conds = {c["type"]: c["status"] for c in (out.get("status") or {}).get("conditions") or []}
-        if conds.get("Established") == "True":
-            return
-        assert time.monotonic() < deadline, conds
-        time.sleep(0.1)  # urllib would read a watch to its end; the condition comes in ms
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +99,7 @@ class Side:
 
 def _prepare(name: str, kube: KubeCluster, tmp: Path, cert: pki.KeyPair) -> tuple[str, str]:
     """Install deploy/base, write the proxy's files; (cluster UUID, the controller's token)."""
-    _provision(kube, pki.make_ca(f"istio root {name}"))
+    provision(kube, pki.make_ca(f"istio root {name}"))
     tmp.mkdir()
     uuid = kube.ok("GET", "/api/v1/namespaces/kube-system")["metadata"]["uid"]
     (tmp / "tls.crt").write_text(cert.cert_pem)
@@ -182,18 +127,7 @@ def _node_port_gateway(kube: KubeCluster) -> None:
             },
         }
     )
-    kube.apply({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1"}})
-    kube.ok(
-        "PATCH",
-        "/api/v1/nodes/node-1/status",
-        {
-            "status": {
-                "conditions": [{"type": "Ready", "status": "True"}],
-                "addresses": [{"type": "InternalIP", "address": GATEWAY_NODE_IP}],
-            }
-        },
-        content_type="application/merge-patch+json",
-    )
+    ready_node(kube, "node-1", GATEWAY_NODE_IP)
     pods = "/api/v1/namespaces/istio-system/pods"
     kube.apply(
         {
@@ -493,9 +427,9 @@ def test_the_shipped_crd_is_structural_and_validates(
     two_clusters: tuple[KubeCluster, KubeCluster],
 ) -> None:
     kube = two_clusters[0]
-    for doc in _docs("crd-istiomulticluster.yaml"):
+    for doc in docs("crd-istiomulticluster.yaml"):
         kube.apply(doc)
-        _wait_established(kube, doc["metadata"]["name"])
+        wait_established(kube, doc["metadata"]["name"])
     crd = kube.ok(
         "GET",
         "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/istiomulticlusters.deckhouse.io",
@@ -540,7 +474,7 @@ async def test_two_replicas_share_the_shipped_lease(
     """Leader election on the real Lease (get/update only, as the Role allows): one replica
     leads, the other stands by; stopping the leader releases the Lease to the standby."""
     kube = two_clusters[0]
-    await asyncio.to_thread(_provision, kube, pki.make_ca("istio root a"))
+    await asyncio.to_thread(provision, kube, pki.make_ca("istio root a"))
     token = await asyncio.to_thread(
         kube.service_account_token, "apiproxy-system", "apiproxy-federation"
     )

@@ -409,8 +409,8 @@ class SimAPIServer:
             if doc is not None:
                 return self._json(doc)
         if not parts or parts[0] not in ("api", "apis"):
-            # The real server's catch-all answers 404 with the list of paths it serves.
-            return self._json({"paths": ["/api", "/api/v1", "/apis", "/healthz", "/version"]}, 404)
+            # The real server's catch-all (1.37) is the mux's plain-text 404, for every method.
+            return web.Response(status=404, text="404 page not found\n", content_type="text/plain")
         if parts[0] == "apis" and (len(parts) < 2 or parts[1] not in _BUILTIN_GROUPS):
             # Groups served by no built-in API (unknown ones, CRDs' groups) fall through to the
             # mux's plain-text 404 whenever the path names no served resource.
@@ -447,7 +447,13 @@ class SimAPIServer:
         del rv
         _, index, docs = self._openapi
         if len(parts) == 2:
-            return self._json(index)
+            # kube-apiserver 1.37 sends the index without a Content-Type of its own, so Go's
+            # sniffing labels the JSON text/plain.
+            return web.Response(
+                body=json.dumps(index, separators=(",", ":")).encode(),
+                content_type="text/plain",
+                charset="utf-8",
+            )
         body = docs.get("/".join(parts[2:]))
         if body is None:
             raise ApiError(404, "the server could not find the requested resource")
@@ -641,8 +647,8 @@ class SimAPIServer:
         try:
             opts = json.loads(raw)
         except ValueError as exc:
-            # kube-apiserver 1.20 answers a malformed DeleteOptions body with a 500.
-            raise internal(f"couldn't get version/kind; json parse error: {exc}") from None
+            # kube-apiserver 1.37 answers a malformed DeleteOptions body with a 400.
+            raise bad_request(f"couldn't get version/kind; json parse error: {exc}") from None
         return opts if isinstance(opts, dict) else {}
 
     async def _patch(
@@ -668,9 +674,14 @@ class SimAPIServer:
             body = yaml.safe_load(raw) if ctype == patch.APPLY else json.loads(raw)
         except (ValueError, yaml.YAMLError) as exc:
             if ctype == patch.MERGE:
-                # kube-apiserver 1.20 reports an unparsable merge patch as a 500.
-                raise internal("Invalid JSON Patch") from None
+                raise bad_request("invalid JSON patch") from None
             raise bad_request(f"error decoding patch: {exc}") from None
+        if ctype == patch.MERGE and body is not None and not isinstance(body, dict):
+            # Go decodes a merge patch into a map first.
+            raise bad_request(
+                f"error decoding patch: json: cannot unmarshal {_go_json_type(body)} into Go "
+                "value of type map[string]interface {}"
+            )
         store = self.store
         try:
             cur = store.get_entry(rt, route.namespace, route.name).obj()
@@ -885,11 +896,11 @@ class SimAPIServer:
         if sie is not None:
             initial = sie
             if not sie and rv not in ("", "0"):
-                since = _rv_param(rv)
+                since = _rv_param(rv, watch=True)
         elif rv in ("", "0"):
             initial = True  # "Get State and Start at Most Recent/Any": synthetic ADDED events
         else:
-            since = _rv_param(rv)
+            since = _rv_param(rv, watch=True)
         resp = web.StreamResponse(headers={"Content-Type": JSON})
         resp.enable_chunked_encoding()
         try:
@@ -1049,18 +1060,32 @@ def _int_param(value: str, name: str) -> int:
         raise bad_request(f"invalid value for {name}: {value!r}") from None
 
 
-def _rv_param(value: str) -> int:
+def _rv_param(value: str, *, watch: bool = False) -> int:
     try:
         n = int(value)
         if n < 0:
             raise ValueError
         return n
     except ValueError:
-        # kube-apiserver 1.20 reports an unparsable resourceVersion as a 500 InternalError.
-        raise internal(
+        invalid = (
             f'resourceVersion: Invalid value: "{value}": strconv.ParseUint: parsing "{value}": '
             "invalid syntax"
-        ) from None
+        )
+        if watch:
+            # kube-apiserver 1.37 still answers a watch's with a 500 without a reason.
+            raise internal(invalid) from None
+        raise bad_request(f"invalid resource version: {invalid}") from None
+
+
+def _go_json_type(value: object) -> str:
+    """How Go's encoding/json names a JSON value's type in an unmarshal error."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, list):
+        return "array"
+    return "string" if isinstance(value, str) else "object"
 
 
 def _too_large(want: int, have: int) -> ApiError:
