@@ -118,6 +118,37 @@ def test_istiod_holds_the_peers_service_with_the_peers_pod_ips(
     assert b.cluster_id in services[HOST]["clusterVIPs"]["Addresses"], services[HOST]
 
 
+def test_istiod_sees_nothing_of_a_namespace_the_peer_does_not_export(
+    mesh: Mesh, shop: dict[str, str]
+) -> None:
+    """The shipped policy shows a peer only istio-system and exported namespaces: a Service and
+    a ready pod in an unexported namespace never reach the peer's istiod, while a change in the
+    exported one made after them does (so istiod has read past them)."""
+    a, b = mesh.sides
+    assert a.istiod is not None
+    istiod = a.istiod
+    b.service("payroll", "ledger", "ledger", export=False)
+    b.run_pod("payroll", "ledger-1", "ledger", "10.20.0.41")
+    b.service(NS, "canary", "canary")
+    b.run_pod(NS, "canary-1", "canary", "10.20.0.42")
+    try:
+        wait_until(
+            lambda: (
+                istiod.ready_ips(f"canary.{NS}.svc.cluster.local", NS, b.cluster_id)
+                == {"10.20.0.42"}
+                or None
+            ),
+            CHANGE_BOUND,
+            "alpha's istiod holds the exported canary pod",
+        )
+        hidden = "ledger.payroll.svc.cluster.local"
+        assert istiod.endpoints(hidden, "payroll", b.cluster_id) == []
+        assert "payroll" not in json.dumps(istiod.debug("endpointShardz") or {})
+    finally:
+        b.delete_pod(NS, "canary-1")
+        b.delete_pod("payroll", "ledger-1")
+
+
 def test_istiod_lists_the_peers_network_with_its_east_west_gateway(mesh: Mesh) -> None:
     for side, peer in ((mesh.a, mesh.b), (mesh.b, mesh.a)):
         assert side.istiod is not None
