@@ -327,15 +327,24 @@ def test_credential_rotation_keeps_istiod_synced_with_the_peers_endpoints(
     a.start_federate()
     seen: list[str] = []
     deadline = time.monotonic() + 120
+    syncing_since: float | None = None
     while len(seen) < 3:
         assert time.monotonic() < deadline, f"only {len(seen) - 1} rotations in 120s"
         _, kc = remote_kubeconfig(a, "beta")
         cred = json.dumps(kc["users"], sort_keys=True)
         if not seen or seen[-1] != cred:
             seen.append(cred)
-        # At every moment: synced, and every endpoint of the peer present.
+        # At every moment: every endpoint of the peer present, and synced, except while the
+        # replacement built from a new secret syncs (istiod reports it: a few hundred ms through
+        # the filtering proxy, which answers JSON), which must not last.
         assert a.istiod.ready_ips(HOST, NS, b.cluster_id) == set(shop.values())
-        assert a.istiod.clusters().get(b.cluster_id) in ("synced",), a.istiod.clusters()
+        state = a.istiod.clusters().get(b.cluster_id)
+        if state == "syncing":
+            syncing_since = syncing_since or time.monotonic()
+            assert time.monotonic() - syncing_since < 5, a.istiod.clusters()
+        else:
+            syncing_since = None
+            assert state == "synced", a.istiod.clusters()
         time.sleep(0.5)
     # istiod built a new cluster from each new secret (it swaps one in only once it synced).
     assert clusters_built() - built >= len(seen) - 1, (built, clusters_built(), len(seen))
