@@ -7,7 +7,7 @@ view is allowed only for the resources listed here; the policy refuses the rest.
 
 from __future__ import annotations
 
-__all__ = ["KINDS", "kind_of"]
+__all__ = ["CLUSTER_SCOPED", "KINDS", "kind_of", "namespaced"]
 
 _BY_GROUP: dict[str, dict[str, str]] = {
     "": {
@@ -82,3 +82,23 @@ KINDS: dict[tuple[str, str], str] = {
 
 def kind_of(group: str, resource: str) -> str | None:
     return KINDS.get((group, resource))
+
+
+# The cluster-scoped ones among KINDS; every other listed resource is namespaced.
+CLUSTER_SCOPED: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("", "namespaces"),
+        ("", "nodes"),
+        ("", "persistentvolumes"),
+        ("networking.k8s.io", "ingressclasses"),
+        ("apiextensions.k8s.io", "customresourcedefinitions"),
+        ("gateway.networking.k8s.io", "gatewayclasses"),
+    }
+)
+
+
+def namespaced(group: str, resource: str) -> bool | None:
+    """True/False for a known resource, None for one the proxy does not know."""
+    if (group, resource) not in KINDS:
+        return None
+    return (group, resource) not in CLUSTER_SCOPED

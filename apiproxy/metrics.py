@@ -141,6 +141,12 @@ class Metrics:
         self.watch_events = Counter(
             "apiproxy_watch_events", "Watch events forwarded, by peer.", ["peer"], registry=r
         )
+        self.filtered_items = Counter(
+            "apiproxy_filtered_items",
+            "Objects and watch events withheld from peers by namespace filtering, by peer.",
+            ["peer"],
+            registry=r,
+        )
         self.bytes_sent = Counter(
             "apiproxy_response_bytes", "Response body bytes sent to peers.", ["peer"], registry=r
         )

@@ -22,6 +22,7 @@ from multidict import CIMultiDict
 
 from apiproxy import (
     __version__,
+    filtering,
     forward,
     log,
     memory,
@@ -40,6 +41,7 @@ from apiproxy.forward import ForwardContext, ForwardLimits, PoolLimits, Upstream
 from apiproxy.httpserver import probe_server
 from apiproxy.limits import PeerLimits
 from apiproxy.metrics import EXPOSITION_CONTENT_TYPE, Metrics
+from apiproxy.nsview import NamespaceView
 from apiproxy.policy import Policy
 from apiproxy.reload import FileWatcher
 from apiproxy.request import RequestRejected, classify
@@ -146,6 +148,14 @@ class ProxyServer:
                 max_body_bytes=config.max_body_bytes,
             ),
         )
+        # Rules with a namespaces mapping or a projection: answers rewritten (filtering.py), with
+        # the proxy's own view of namespace labels for selectors (nsview.py).
+        self.nsview = NamespaceView(self.upstream, self.pool)
+        self.filtering = filtering.FilterContext(
+            nsview=self.nsview,
+            sealer=filtering.ContinueSealer(_sealing_secret(config.tls_key)),
+            count_hidden=self._count_hidden,
+        )
         self._runner: web.ServerRunner | None = None
         self._metrics_runner: web.ServerRunner | None = None
         self._probe_task: asyncio.Task[None] | None = None
@@ -192,6 +202,7 @@ class ProxyServer:
             await self.audit.start()
             self.recorder.audit = self.audit
         await self.pool.start()
+        self._start_nsview()
         self._watch_inputs()
         self.watcher.start()
         # Our own accept loop: deadlines, caps and head bounds before authentication.
@@ -258,6 +269,7 @@ class ProxyServer:
         self.streams.end_all()
         await cancel_and_wait(self._probe_task, self._trim_task)
         await self.watcher.stop()
+        await self.nsview.stop()
         if self._runner is not None:
             await self._runner.cleanup()
         if self._metrics_runner is not None:
@@ -293,10 +305,33 @@ class ProxyServer:
         decision = self.policy.decide(ex.identity.peer.name, ex.info)
         # A stream opened as a view must end when it would now be forwarded, and the reverse.
         same_view = decision.view == ex.annotations.get(view.ANNOTATION, "")
-        return decision.allowed and (decision.dangerous or not ex.upgrade) and same_view
+        # A filtered stream must end when its namespaces or projection change, and the reverse.
+        before = ex.decision
+        same_filter = before is not None and (
+            decision.visibility == before.visibility and decision.projection == before.projection
+        )
+        return (
+            decision.allowed
+            and (decision.dangerous or not ex.upgrade)
+            and same_view
+            and same_filter
+        )
+
+    def _needs_nsview(self) -> bool:
+        return any(
+            r.visibility is not None and r.visibility.needs_labels for r in self.policy.rules
+        )
+
+    def _start_nsview(self) -> None:
+        if self._needs_nsview():
+            self.nsview.start()
+
+    def _count_hidden(self, peer: str, hidden: int) -> None:
+        self.metrics.child(self.metrics.filtered_items, peer).inc(hidden)
 
     def _reload_policy(self) -> None:
         self.policy = Policy.load(self.config.policy)
+        self._start_nsview()
         self.recorder.policy_changed(_named_resources(self.policy))
         self.streams.revoke(self._policy_still_allows, "the policy no longer allows it")
 
@@ -317,6 +352,7 @@ class ProxyServer:
 
     def _reload_tls(self) -> None:
         self.tls.rebuild()
+        self.filtering.sealer.rotate(_sealing_secret(self.config.tls_key))
 
     def _reload_token(self) -> None:
         tok = self.upstream.token
@@ -387,13 +423,17 @@ class ProxyServer:
         return web.Response(text="ok\n")
 
     def readiness(self) -> dict[str, bool]:
-        return {
+        checks = {
             "policy": self.policy is not None,
             "peers": self.peers is not None,
             "upstream": bool(self.upstream_ok),
             "audit": self.audit is None or bool(self.audit.healthy),
             "serving": not self.stopping,
         }
+        if self._needs_nsview():
+            # Filtered requests are refused (503) until the namespace labels have been read.
+            checks["namespaces"] = self.nsview.synced
+        return checks
 
     async def _readyz(self, _request: web.BaseRequest) -> web.Response:
         checks = self.readiness()
@@ -454,6 +494,12 @@ class ProxyServer:
             return self.recorder.refuse(ex, 429, too_many, headers=retry)
         if ex.decision is not None and ex.decision.view:  # `view: empty`: nothing goes upstream
             return await view.serve(self.forwarding, request, ex, ex.decision.view)
+        if ex.decision is not None and ex.decision.filters:  # answers rewritten (filtering.py)
+            if ex.upgrade:
+                return self.recorder.refuse(
+                    ex, 400, "protocol upgrades are not possible for filtered resources"
+                )
+            return await filtering.serve(self.forwarding, self.filtering, request, ex, ex.decision)
         if ex.upgrade:
             return await upgrade.relay(self.forwarding, request, ex)
         return await forward.forward(self.forwarding, request, ex)
@@ -494,6 +540,15 @@ class ProxyServer:
             ex.forbid("protocol upgrade refused: no rule marked dangerous allows it")
             return self.recorder.forbidden(ex, ": protocol upgrades need a dangerous rule")
         return None
+
+
+def _sealing_secret(tls_key: str) -> bytes:
+    """Key material for sealing continue tokens: the serving key, which replicas share."""
+    try:
+        with open(tls_key, "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
 
 
 def _named_resources(policy: Policy) -> frozenset[str]:

@@ -147,6 +147,33 @@ CRDS = (
 )
 
 
+EXPORT_LABEL = "apiproxy.io/export"
+# The informers whose resources the shipped policy filters to exported namespaces.
+SHIPPED_FILTERED = frozenset(
+    {"namespaces", "services", "endpointslices", "pods", "gateways", "workloadentries"}
+)
+
+
+def shipped_visible(
+    name: str, items: list[dict[str, Any]], namespaces: list[dict[str, Any]]
+) -> int:
+    """How many of `items` (an upstream list for informer `name`) a peer sees through the shipped
+    policy: those of istio-system and of namespaces labelled apiproxy.io/export=true."""
+    if name not in SHIPPED_FILTERED:
+        return len(items)
+    exported = {"istio-system"} | {
+        n["metadata"]["name"]
+        for n in namespaces
+        if (n["metadata"].get("labels") or {}).get(EXPORT_LABEL) == "true"
+    }
+
+    def where(o: dict[str, Any]) -> str:
+        meta = o["metadata"]
+        return str(meta["name"] if name == "namespaces" else meta.get("namespace", ""))
+
+    return sum(1 for o in items if where(o) in exported)
+
+
 def objects() -> list[dict[str, Any]]:
     """A small remote cluster: something for every informer, and things the selectors drop."""
 
@@ -158,7 +185,12 @@ def objects() -> list[dict[str, Any]]:
 
     pod_spec = {"containers": [{"name": "c", "image": "busybox"}]}
     return [
-        {"apiVersion": "v1", "kind": "Namespace", "metadata": meta("x", None)},
+        # Exported, so the shipped policy shows it (and istio-system) to peers.
+        {
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": meta("x", None, labels={EXPORT_LABEL: "true"}),
+        },
         {"apiVersion": "v1", "kind": "Namespace", "metadata": meta("istio-system", None)},
         {
             "apiVersion": "v1",

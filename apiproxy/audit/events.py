@@ -45,6 +45,12 @@ UPGRADE: Final = "apiproxy.io/upgrade"
 BYTES_RECEIVED: Final = "apiproxy.io/bytes-received"
 STREAM_DURATION: Final = "apiproxy.io/stream-duration-seconds"
 AUTHN_FAILURE: Final = "apiproxy.io/authn-failure"
+# The answer was rewritten under a rule with a namespaces mapping and/or a projection:
+# "namespaces,projection=istiod-pod", "projection=strip", ...
+FILTERED: Final = "apiproxy.io/filtered"
+ITEMS_HIDDEN: Final = "apiproxy.io/items-hidden"  # objects or events withheld by filtering
+# Why a filtered watch was answered or ended with 410 Expired (its visible namespaces changed).
+FILTER_EXPIRED: Final = "apiproxy.io/filter-expired"
 DECISION_ALLOW: Final = "allow"
 DECISION_FORBID: Final = "forbid"
 

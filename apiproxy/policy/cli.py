@@ -76,10 +76,14 @@ def _check(files: list[str], prog: str) -> int:
         resource = sum(r.is_resource_rule for r in policy.rules)
         dangerous = sum(r.dangerous for r in policy.rules)
         views = sum(bool(r.view) for r in policy.rules)
+        selected = sum(r.visibility is not None for r in policy.rules)
+        projected = sum(bool(r.projection) for r in policy.rules)
         print(
             f"{file}: ok, {len(policy.rules)} rules ({resource} resource, "
             f"{len(policy.rules) - resource} non-resource, {dangerous} dangerous"
             + (f", {views} answered with an empty view" if views else "")
+            + (f", {selected} filtered to selected namespaces" if selected else "")
+            + (f", {projected} projected" if projected else "")
             + ")"
         )
     return status
@@ -99,6 +103,22 @@ def _result(policy: Policy, peer: str, method: str, target: str) -> tuple[bool, 
     }
     if verdict.view:
         decision["view"] = verdict.view  # answered by the proxy; nothing goes upstream
+    if verdict.visibility is not None:
+        # Which namespaces' objects the answer may hold; the rest are filtered out (404 on GET).
+        visible: dict[str, Any] = verdict.visibility.to_dict()
+        ns = info.namespace or (info.name if info.resource == "namespaces" else "")
+        if ns:
+            if ns in verdict.visibility.names:
+                visible["requestedNamespace"] = f"{ns}: visible (named)"
+            elif verdict.visibility.selector is not None:
+                visible["requestedNamespace"] = f"{ns}: visible only if its labels match selector"
+            else:
+                visible["requestedNamespace"] = f"{ns}: not visible (404 on get, no items)"
+        decision["visibleNamespaces"] = visible
+    if verdict.filters:
+        # Every object answered under such a rule loses managedFields and the annotations
+        # kubectl.kubernetes.io/last-applied-configuration and proxy.istio.io/overrides.
+        decision["projection"] = verdict.projection or "strip-only"
     return verdict.allowed, {"request": info.to_dict(), "decision": decision}
 
 

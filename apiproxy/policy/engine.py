@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from apiproxy.policy.model import NON_RESOURCE_VERBS, RESOURCE_VERBS, Rule
+from apiproxy.policy.visibility import Visibility
 from apiproxy.request import RequestInfo
 
 __all__ = ["Decision", "Engine", "describe"]
@@ -23,6 +24,14 @@ class Decision:
     reason: str
     dangerous: bool = False
     view: str = ""  # non-empty: answer with this view (apiproxy.view) instead of forwarding
+    # Set by a rule with a `namespaces` mapping: answers are filtered to these namespaces.
+    visibility: Visibility | None = None
+    projection: str = ""  # set by a rule with `projection`: answers are projected
+
+    @property
+    def filters(self) -> bool:
+        """The proxy must rewrite the answer (apiproxy/filtering.py), not copy it."""
+        return self.visibility is not None or bool(self.projection)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +136,15 @@ class Engine:
                 rule.name,
                 f"allowed by rule {rule.name!r} with an {rule.view} view",
                 view=rule.view,
+            )
+        if rule.filters:
+            return Decision(
+                True,
+                rule.name,
+                f"allowed by rule {rule.name!r}",
+                rule.dangerous,
+                visibility=rule.visibility,
+                projection=rule.projection,
             )
         return Decision(True, rule.name, f"allowed by rule {rule.name!r}", rule.dangerous)
 

@@ -14,7 +14,14 @@ from typing import Any
 import yaml
 
 from apiproxy.errors import UserError
-from apiproxy.kinds import KINDS
+from apiproxy.kinds import KINDS, namespaced
+from apiproxy.policy.visibility import (
+    OPERATORS,
+    PROJECTIONS,
+    LabelSelector,
+    Requirement,
+    Visibility,
+)
 
 __all__ = [
     "API_VERSION",
@@ -64,7 +71,14 @@ _RULE_KEYS = (
     "nonResourceURLs",
     "dangerous",
     "view",
+    "projection",
 )
+_VISIBILITY_KEYS = ("names", "selector")
+_SELECTOR_KEYS = ("matchLabels", "matchExpressions")
+_EXPRESSION_KEYS = ("key", "operator", "values")
+# Label keys and values as Kubernetes validates them (IsQualifiedName, IsValidLabelValue).
+_LABEL_NAME = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9]")
+_LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?")
 _TOP_KEYS = ("apiVersion", "kind", "rules")
 _STR = "tag:yaml.org,2002:str"
 _BOOL = "tag:yaml.org,2002:bool"
@@ -97,6 +111,14 @@ class Rule:
     dangerous: bool = False
     view: str = ""  # "" forwards; "empty": the proxy answers with an empty view itself
     line: int = 0
+    # A `namespaces` mapping: cluster-wide reads allowed, answers filtered to these namespaces.
+    visibility: Visibility | None = None
+    projection: str = ""  # a PROJECTIONS name: answers are projected (apiproxy/projection.py)
+
+    @property
+    def filters(self) -> bool:
+        """The proxy rewrites this rule's answers (namespace filtering and/or projection)."""
+        return self.visibility is not None or bool(self.projection)
 
     @property
     def is_resource_rule(self) -> bool:
@@ -290,7 +312,9 @@ def _parse_rule(p: _Parser, node: yaml.Node) -> Rule:
                 "remove view or use apiGroups+resources",
             )
     resource_keys = [
-        k for k in ("apiGroups", "resources", "namespaces", "resourceNames") if k in fields
+        k
+        for k in ("apiGroups", "resources", "namespaces", "resourceNames", "projection")
+        if k in fields
     ]
     if is_nonresource and resource_keys:
         raise p.error(
@@ -393,7 +417,20 @@ def _parse_rule(p: _Parser, node: yaml.Node) -> Rule:
                     + " (subresources and '*' are never viewable)",
                 )
     namespaces: tuple[str, ...] = ("*",)
-    if "namespaces" in fields:
+    visibility: Visibility | None = None
+    if "namespaces" in fields and isinstance(fields["namespaces"][1], yaml.MappingNode):
+        visibility = _parse_visibility(p, fields["namespaces"][1])
+        _check_filtering_rule(p, where, fields, "namespaces", groups, resources, verbs, view)
+        for value, item in resources:
+            group = groups[0][0]
+            if value != "namespaces" and not namespaced(group, value):
+                raise p.error(
+                    item,
+                    f"resource {value!r} is not a namespaced resource the proxy knows, so "
+                    "namespaces cannot select its objects; list only namespaced resources "
+                    "(apiproxy/kinds.py) or 'namespaces' in a rule with a namespaces mapping",
+                )
+    elif "namespaces" in fields:
         ns_items = p.strings(fields["namespaces"][1], "namespaces")
         for value, item in ns_items:
             if value not in ("", "*") and not _DNS_LABEL.fullmatch(value):
@@ -403,6 +440,32 @@ def _parse_rule(p: _Parser, node: yaml.Node) -> Rule:
                     "use a namespace name, \"\" (no namespace) or '*'",
                 )
         namespaces = tuple(v for v, _ in ns_items)
+    projection = ""
+    if "projection" in fields:
+        proj_node = fields["projection"][1]
+        projection = p.string(proj_node, "projection")
+        if projection not in PROJECTIONS:
+            raise p.error(
+                proj_node,
+                f"projection {projection!r} is not known; allowed: "
+                f"{', '.join(sorted(PROJECTIONS))} (omit projection to forward objects whole)",
+            )
+        _check_filtering_rule(p, where, fields, "projection", groups, resources, verbs, view)
+        want_group, want_resource = PROJECTIONS[projection]
+        for value, item in resources:
+            if value != want_resource:
+                raise p.error(
+                    item,
+                    f"projection {projection!r} applies only to {want_resource!r}; "
+                    f"move {value!r} to a rule without this projection",
+                )
+        for value, item in groups:
+            if value != want_group:
+                raise p.error(
+                    item,
+                    f'projection {projection!r} applies only to the core API group ""; '
+                    f"move {value!r} to another rule",
+                )
     resource_names: tuple[str, ...] = ()
     if "resourceNames" in fields:
         rn_items = p.strings(fields["resourceNames"][1], "resourceNames", empty_ok=True)
@@ -434,7 +497,155 @@ def _parse_rule(p: _Parser, node: yaml.Node) -> Rule:
         dangerous=dangerous,
         view=view,
         line=node.start_mark.line + 1,
+        visibility=visibility,
+        projection=projection,
     )
+
+
+def _check_filtering_rule(
+    p: _Parser,
+    where: str,
+    fields: dict[str, tuple[yaml.Node, yaml.Node]],
+    key: str,
+    groups: list[tuple[str, yaml.Node]],
+    resources: list[tuple[str, yaml.Node]],
+    verbs: list[tuple[str, yaml.Node]],
+    view: str,
+) -> None:
+    """What a rule whose answers the proxy rewrites must look like: reads of exact resources."""
+    what = "a namespaces mapping" if key == "namespaces" else "a projection"
+    if view:
+        raise p.error(
+            fields[key][0],
+            f"{where} has a view and {what}; a view answers with no objects, so remove one",
+        )
+    for value, item in verbs:
+        if value not in VIEW_VERBS:
+            raise p.error(
+                item,
+                f"verb {value!r} cannot be filtered; a rule with {what} allows only "
+                f"{', '.join(VIEW_VERBS)}",
+            )
+    for value, item in groups:
+        if value == "*":
+            raise p.error(item, f"{where} has {what}, so list its API groups exactly, not '*'")
+    if len(groups) > 1 and key == "namespaces":
+        raise p.error(
+            groups[1][1],
+            f"{where} has {what}: give it exactly one API group (split it into one rule per group)",
+        )
+    for value, item in resources:
+        if value == "*" or "/" in value:
+            raise p.error(
+                item,
+                f"resource {value!r}: a rule with {what} lists plain resources "
+                "(no '*', no subresources)",
+            )
+
+
+def _parse_visibility(p: _Parser, node: yaml.Node) -> Visibility:
+    fields = p.mapping(node, "namespaces", _VISIBILITY_KEYS)
+    if not fields:
+        raise p.error(
+            node,
+            "namespaces is an empty mapping; give names, a selector or both "
+            "(or a list of namespace names)",
+        )
+    names: frozenset[str] = frozenset()
+    if "names" in fields:
+        items = p.strings(fields["names"][1], "namespaces.names")
+        for value, item in items:
+            if not _DNS_LABEL.fullmatch(value):
+                raise p.error(
+                    item,
+                    f"namespace {value!r} is not valid; list namespace names "
+                    "(no '*' or \"\" in a namespaces mapping)",
+                )
+        names = frozenset(v for v, _ in items)
+    selector = _parse_selector(p, fields["selector"][1]) if "selector" in fields else None
+    return Visibility(names=names, selector=selector)
+
+
+def _label_key(p: _Parser, node: yaml.Node, what: str) -> str:
+    key = p.string(node, what)
+    prefix, slash, name = key.rpartition("/")
+    if (
+        slash and (not prefix or not _DNS_SUBDOMAIN.fullmatch(prefix))
+    ) or not _LABEL_NAME.fullmatch(name):
+        raise p.error(
+            node,
+            f"label key {key!r} is not valid; use name or prefix/name such as "
+            "'apiproxy.io/export' (name: at most 63 alphanumerics, '-', '_', '.')",
+        )
+    return key
+
+
+def _label_value(p: _Parser, node: yaml.Node, what: str) -> str:
+    value = p.string(node, what)
+    if not _LABEL_VALUE.fullmatch(value):
+        raise p.error(
+            node,
+            f"label value {value!r} is not valid; at most 63 alphanumerics, '-', '_', '.', "
+            "starting and ending alphanumeric (or empty)",
+        )
+    return value
+
+
+def _parse_selector(p: _Parser, node: yaml.Node) -> LabelSelector:
+    fields = p.mapping(node, "namespaces.selector", _SELECTOR_KEYS)
+    labels: list[tuple[str, str]] = []
+    if "matchLabels" in fields:
+        ml = fields["matchLabels"][1]
+        if not isinstance(ml, yaml.MappingNode):
+            raise p.error(ml, 'matchLabels must be a mapping of label key to value, e.g. {a: "b"}')
+        seen: set[str] = set()
+        for key_node, value_node in ml.value:
+            key = _label_key(p, key_node, "each matchLabels key")
+            if key in seen:
+                raise p.error(key_node, f"duplicate key {key!r} in matchLabels; list each once")
+            seen.add(key)
+            labels.append((key, _label_value(p, value_node, f"matchLabels value of {key!r}")))
+    expressions: list[Requirement] = []
+    if "matchExpressions" in fields:
+        me = fields["matchExpressions"][1]
+        if not isinstance(me, yaml.SequenceNode):
+            raise p.error(
+                me, "matchExpressions must be a list of {key, operator, values} requirements"
+            )
+        for item in me.value:
+            req = p.mapping(item, "a matchExpressions requirement", _EXPRESSION_KEYS)
+            for needed in ("key", "operator"):
+                if needed not in req:
+                    raise p.error(item, f"a matchExpressions requirement needs {needed!r}")
+            key = _label_key(p, req["key"][1], "key")
+            op_node = req["operator"][1]
+            operator = p.string(op_node, "operator")
+            if operator not in OPERATORS:
+                raise p.error(
+                    op_node, f"operator {operator!r} is not valid; allowed: {', '.join(OPERATORS)}"
+                )
+            values: list[str] = []
+            if "values" in req:
+                vnode = req["values"][1]
+                items = p.strings(vnode, "values", empty_ok=True)
+                values = [_label_value(p, n, "each of values") for _, n in items]
+            if operator in ("In", "NotIn") and not values:
+                raise p.error(
+                    item, f"operator {operator} needs a non-empty values list, as in Kubernetes"
+                )
+            if operator in ("Exists", "DoesNotExist") and "values" in req:
+                raise p.error(
+                    req["values"][0],
+                    f"operator {operator} takes no values; remove values, as in Kubernetes",
+                )
+            expressions.append(Requirement(key, operator, frozenset(values)))
+    if not labels and not expressions:
+        raise p.error(
+            node,
+            "namespaces.selector selects nothing in particular (an empty selector would match "
+            "every namespace); give matchLabels or matchExpressions",
+        )
+    return LabelSelector(tuple(labels), tuple(expressions))
 
 
 def _check_resource(

@@ -19,6 +19,11 @@ __all__ = ["DEFAULT_NAME", "rbac_documents", "render"]
 
 DEFAULT_NAME = "apiproxy:upstream"
 DEFAULT_SERVICE_ACCOUNT = ("apiproxy-system", "api-proxy")
+NAMESPACE_INFORMER_RULE: dict[str, Any] = {
+    "apiGroups": [""],
+    "resources": ["namespaces"],
+    "verbs": ["list", "watch"],
+}
 
 
 def _rbac_rule(rule: Rule) -> dict[str, Any]:
@@ -51,8 +56,17 @@ def rbac_documents(
         if rule.view:
             continue  # answered by the proxy itself: nothing of it reaches the upstream
         rbac = _rbac_rule(rule)
-        # "*" and "" (cluster-scoped objects, all-namespace lists) can only be granted cluster-wide.
-        if not rule.is_resource_rule or "*" in rule.namespaces or "" in rule.namespaces:
+        if rule.visibility is not None and rule.visibility.needs_labels:
+            # The proxy's own namespace informer evaluates the selector (apiproxy/nsview.py).
+            cluster.append(NAMESPACE_INFORMER_RULE)
+        # "*" and "" (cluster-scoped objects, all-namespace lists) can only be granted cluster-wide;
+        # a rule with a namespaces mapping forwards cluster-wide reads and filters the answers.
+        if (
+            not rule.is_resource_rule
+            or rule.visibility is not None
+            or "*" in rule.namespaces
+            or "" in rule.namespaces
+        ):
             cluster.append(rbac)
         else:
             for namespace in rule.namespaces:

@@ -64,6 +64,7 @@ from apiproxy_dev.demo_kit import (
     APIPROXY_NAMESPACE,
     CLUSTER_DOMAIN,
     ISTIO_NAMESPACE,
+    PRIVATE_NAMESPACE,
     DeadlineExceeded,
     Informer,
     SecretVolume,
@@ -840,16 +841,26 @@ class Demo:
                 raise StepFailed(
                     f"no watch of {resource} reached {b.label}'s kube-apiserver"
                 ) from None
+        exported = b.cluster.exported_namespaces()  # what the shipped policy lets a peer see
         b_pods = {
-            f"{p['metadata']['namespace']}/{p['metadata']['name']}" for p in b.store.list("pods")
+            f"{p['metadata']['namespace']}/{p['metadata']['name']}"
+            for p in b.store.list("pods")
+            if p["metadata"]["namespace"] in exported
         }
         check(set(pods.cache) == b_pods, "the stand-in's pods differ from cluster-b's")
-        b_services = len(b.store.list("services"))
+        check(
+            not any(k.startswith(f"{PRIVATE_NAMESPACE}/") for k in pods.cache),
+            f"the unexported namespace {PRIVATE_NAMESPACE} is visible to the peer",
+        )
+        b_services = sum(
+            1 for x in b.store.list("services") if x["metadata"]["namespace"] in exported
+        )
         check(len(services.cache) == b_services, "the stand-in's services differ from cluster-b's")
         ready = ready_endpoints(slices)
         b_ready = sum(
             1
             for s in b.store.list("endpointslices.discovery.k8s.io")
+            if s["metadata"]["namespace"] in exported
             for e in s.get("endpoints") or []
             if (e.get("conditions") or {}).get("ready")
         )
@@ -860,6 +871,10 @@ class Demo:
         n.say(
             f"informers (LIST then WATCH) through {b.label}'s api-proxy: {len(pods.cache)} pods, "
             f"{len(services.cache)} services, {len(slices.cache)} EndpointSlices"
+        )
+        n.say(
+            f"namespace {PRIVATE_NAMESPACE} is not exported (no apiproxy.io/export label): "
+            "none of its pods reached the peer"
         )
         n.say(
             f"endpoints discovered: {sum(ready.values())} ready ("

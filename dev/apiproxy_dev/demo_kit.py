@@ -38,6 +38,8 @@ log = get_logger("apiproxy_dev.demo")
 
 CLUSTER_DOMAIN = "cluster.local"
 ISTIO_NAMESPACE = "istio-system"
+EXPORT_LABEL = "apiproxy.io/export"  # the shipped policy's namespace selector
+PRIVATE_NAMESPACE = "team-private"  # not exported: the demo shows that no peer sees it
 APIPROXY_NAMESPACE = "apiproxy-system"
 
 
@@ -148,13 +150,41 @@ class SimCluster:
         return api
 
     def seed_workloads(self, *, pods: int, namespaces: int, services_per_namespace: int) -> Seeded:
+        """Seeded namespaces are exported to peers (the shipped policy shows a peer only
+        istio-system and namespaces labelled EXPORT_LABEL); PRIVATE_NAMESPACE, with one pod, is
+        not, so no peer sees it."""
         self.seeded = seed(
             self.sim.store,
             pods=pods,
             namespaces=namespaces,
             services_per_namespace=services_per_namespace,
         )
+        store = self.sim.store
+        for i in range(namespaces):
+            ns = store.get("namespaces", f"ns-{i}")
+            ns["metadata"].setdefault("labels", {})[EXPORT_LABEL] = "true"
+            store.update(ns)
+        store.create(
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": PRIVATE_NAMESPACE}}
+        )
+        store.create(
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": "payroll-0", "namespace": PRIVATE_NAMESPACE},
+                "spec": {"containers": [{"name": "app", "image": "payroll:1"}]},
+                "status": {"phase": "Running", "podIP": "10.99.0.1"},
+            }
+        )
         return self.seeded
+
+    def exported_namespaces(self) -> set[str]:
+        """What a peer sees through the shipped policy: istio-system and exported namespaces."""
+        return {ISTIO_NAMESPACE} | {
+            n["metadata"]["name"]
+            for n in self.sim.store.list("namespaces")
+            if (n["metadata"].get("labels") or {}).get(EXPORT_LABEL) == "true"
+        }
 
     def get(self, resource: str, name: str, namespace: str = "") -> dict[str, Any] | None:
         try:

@@ -134,6 +134,10 @@ def _pod(name: str) -> dict[str, Any]:
 
 async def test_istiod_in_a_discovers_b_through_bs_api_proxy(two_sides):
     a, b = two_sides
+    # B exports "default" to its peers (the shipped policy shows only exported namespaces).
+    default = b.cluster.store.get("namespaces", "default")
+    default["metadata"].setdefault("labels", {})["apiproxy.io/export"] = "true"
+    b.cluster.store.update(default)
     b.cluster.store.create(_pod("web-1"))
     b.cluster.store.create(
         {

@@ -472,8 +472,17 @@ class Side:
 
     # -- workloads (this test plays the kubelet) -------------------------------------------------
 
-    def service(self, namespace: str, name: str, app: str) -> None:
+    def service(self, namespace: str, name: str, app: str, *, export: bool = True) -> None:
+        """A Service in `namespace`, exported to peers (labelled apiproxy.io/export=true, which
+        the shipped policy requires) unless `export` is False."""
         self.kube.ensure_namespace(namespace)
+        if export:
+            self.kube.ok(
+                "PATCH",
+                f"/api/v1/namespaces/{namespace}",
+                {"metadata": {"labels": {"apiproxy.io/export": "true"}}},
+                content_type="application/merge-patch+json",
+            )
         self.kube.apply(
             {
                 "apiVersion": "v1",

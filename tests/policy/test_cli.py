@@ -33,8 +33,8 @@ def test_check_shipped_policies_with_console_script() -> None:
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines == [
-        f"{ISTIO}: ok, 9 rules (8 resource, 1 non-resource, 0 dangerous, "
-        "2 answered with an empty view)",
+        f"{ISTIO}: ok, 11 rules (10 resource, 1 non-resource, 0 dangerous, "
+        "2 answered with an empty view, 5 filtered to selected namespaces, 2 projected)",
         f"{MINIMAL}: ok, 1 rules (1 resource, 0 non-resource, 0 dangerous)",
     ]
 
@@ -55,7 +55,11 @@ def test_explain_allowed_denied_rejected_exit_codes() -> None:
     assert ok.returncode == 0, ok.stderr
     body = json.loads(ok.stdout)
     assert body["decision"] == {
-        "allowed": True, "rule": "istio-core-discovery", "reason": "allowed by rule 'istio-core-discovery'",
+        "allowed": True, "rule": "istio-pods", "reason": "allowed by rule 'istio-pods'",
+        "visibleNamespaces": {
+            "names": ["istio-system"], "selector": {"matchLabels": {"apiproxy.io/export": "true"}},
+        },
+        "projection": "istiod-pod",
     }  # fmt: skip
     assert body["request"]["verb"] == "watch"
     assert set(body["request"]) == {

@@ -74,7 +74,14 @@ class RecordingSim(SimAPIServer):
 async def rsim() -> AsyncIterator[RecordingSim]:
     s = RecordingSim()
     async with s:
-        s.store.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "x"}})
+        # Exported: the shipped policy shows a peer only exported namespaces (and istio-system).
+        s.store.create(
+            {
+                "apiVersion": "v1",
+                "kind": "Namespace",
+                "metadata": {"name": "x", "labels": {"apiproxy.io/export": "true"}},
+            }
+        )
         s.store.create(pod("web-0"))
         s.store.create(
             {

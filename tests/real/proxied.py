@@ -235,6 +235,13 @@ def first_grant(rule: dict[str, Any], namespace: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ the proxy
 
 
+def _has_selector(policy_text: str) -> bool:
+    from apiproxy.policy import Policy
+
+    rules = Policy.from_text(policy_text).rules
+    return any(r.visibility is not None and r.visibility.needs_labels for r in rules)
+
+
 @dataclass
 class RealProxy:
     """`apiproxy serve` as a child process in front of `kube`."""
@@ -306,6 +313,7 @@ class RealProxy:
         lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._pump, args=(lines,), daemon=True).start()
         deadline = time.monotonic() + START_TIMEOUT
+        needs_namespaces, synced = _has_selector(self.policy_text), False
         while True:
             try:
                 line = lines.get(timeout=max(deadline - time.monotonic(), 0.01))
@@ -317,6 +325,10 @@ class RealProxy:
                 event = json.loads(line)
                 if event.get("event") == "serving":
                     self.port = int(event["listen"].rsplit(":", 1)[1])
+                # A policy with a namespace selector is served once the proxy has read the
+                # namespaces (until then filtered requests are 503: fail closed).
+                synced = synced or event.get("event") == "namespace_view_synced"
+                if self.port and (synced or not needs_namespaces):
                     return self
 
     def _pump(self, lines: queue.Queue[str]) -> None:

@@ -292,6 +292,15 @@ async def test_federation_converges_between_two_real_clusters(
     sides: tuple[Side, Side], tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     a, b = sides
+    # Both clusters export "default" to their peers (the shipped policy shows a peer only
+    # istio-system and namespaces labelled apiproxy.io/export=true).
+    for side in (a, b):
+        side.kube.ok(
+            "PATCH",
+            "/api/v1/namespaces/default",
+            {"metadata": {"labels": {"apiproxy.io/export": "true"}}},
+            content_type="application/merge-patch+json",
+        )
     b.kube.ok(
         "POST",
         "/api/v1/namespaces/default/pods",

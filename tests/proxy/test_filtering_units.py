@@ -1,0 +1,361 @@
+"""The filter's pieces on their own: list splitting at any chunk boundary, watch events,
+projections (Istio's transforms), content negotiation and sealed continue tokens."""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any
+
+import orjson
+import pytest
+
+from apiproxy.filtering import (
+    ContinueSealer,
+    FilterError,
+    ListFilter,
+    ObjectFilter,
+    WatchFilter,
+    negotiate_json,
+)
+from apiproxy.policy.visibility import LabelSelector, Visibility
+from apiproxy.projection import LAST_APPLIED, PROXY_OVERRIDES, istiod_node, istiod_pod, strip
+
+EXPORT = Visibility(frozenset({"istio-system"}), LabelSelector((("export", "true"),)))
+LABELS = {"istio-system": {}, "shown": {"export": "true"}, "hidden": {}}
+
+
+def a_pod(name: str, ns: str) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": ns,
+            "labels": {"app": name},
+            "annotations": {LAST_APPLIED: '{"env":"SECRET"}', PROXY_OVERRIDES: "{}", "keep": "1"},
+            "managedFields": [{"manager": "kubectl", "fieldsV1": {"f:spec": {}}}],
+            "ownerReferences": [
+                {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "rs"},
+                {"apiVersion": "v1", "kind": "X", "name": "y"},
+            ],
+        },
+        "spec": {
+            "serviceAccountName": "sa",
+            "nodeName": "node-1",
+            "hostname": "h",
+            "containers": [
+                {
+                    "name": "app",
+                    "image": "i",
+                    "env": [{"name": "PASSWORD", "value": "SECRET"}],
+                    "ports": [{"name": "http", "containerPort": 8080}],
+                },
+                {"name": "noports", "image": "i", "command": ["SECRET"]},
+            ],
+            "initContainers": [
+                {
+                    "name": "sidecar",
+                    "restartPolicy": "Always",
+                    "ports": [{"containerPort": 15090}],
+                    "image": "x",
+                },
+                {"name": "init", "ports": [{"containerPort": 1}], "image": "x"},
+            ],
+            "volumes": [{"name": "v", "secret": {"secretName": "SECRET"}}],
+        },
+        "status": {
+            "podIP": "10.1.2.3",
+            "phase": "Running",
+            "containerStatuses": [{"name": "app"}],
+            "initContainerStatuses": [{}],
+        },
+    }
+
+
+def a_list(items: list[dict[str, Any]], *, sorted_keys: bool = False, **meta: Any) -> bytes:
+    body: dict[str, Any] = {
+        "kind": "PodList",
+        "apiVersion": "v1",
+        "metadata": {"resourceVersion": "7", **meta},
+        "items": items,
+    }
+    if sorted_keys:  # how kube-apiserver encodes custom resource lists (unstructured)
+        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+    return json.dumps(body, separators=(",", ":")).encode() + b"\n"
+
+
+def run_list(data: bytes, filt: ObjectFilter, sizes: list[int], meta: Any = lambda m: None) -> Any:
+    lf = ListFilter(filt.keep, meta)
+    out = b""
+    i = 0
+    for size in sizes:
+        out += lf.feed(data[i : i + size])
+        i += size
+    out += lf.feed(data[i:])
+    out += lf.close()
+    return orjson.loads(out), lf
+
+
+def objfilter(projection: Any = strip) -> ObjectFilter:
+    return ObjectFilter("pods", EXPORT, projection, LABELS.get)
+
+
+@pytest.mark.parametrize("sorted_keys", [False, True])
+def test_list_items_are_filtered_and_projected_at_every_chunk_boundary(sorted_keys: bool) -> None:
+    items = [
+        a_pod(f"p{i}", ns)
+        for i, ns in enumerate(["shown", "hidden", "istio-system", "hidden", "unknown", "shown"])
+    ]
+    data = a_list(items, sorted_keys=sorted_keys, **{"continue": "TOKEN", "remainingItemCount": 9})
+    expected = ["p0", "p2", "p5"]
+    rng = random.Random(7)
+    boundaries = [[len(data)], [1] * len(data)] + [
+        [rng.randint(1, 300) for _ in range(40)] for _ in range(20)
+    ]
+
+    def meta(obj: Any) -> None:
+        if "metadata" not in obj:
+            return
+        obj["metadata"].pop("remainingItemCount", None)
+        obj["metadata"]["continue"] = "SEALED"
+
+    for sizes in boundaries:
+        f = objfilter(istiod_pod)
+        out, lf = run_list(data, f, sizes, meta)
+        assert [i["metadata"]["name"] for i in out["items"]] == expected
+        assert out["metadata"] == {"resourceVersion": "7", "continue": "SEALED"}
+        assert out["kind"] == "PodList"
+        assert (f.hidden, lf.items_in) == (3, 6)
+        assert b"SECRET" not in orjson.dumps(out)
+        assert b"hidden" not in orjson.dumps(out)
+
+
+def test_empty_list_and_malformed_lists() -> None:
+    out, _ = run_list(a_list([]), objfilter(), [3])
+    assert out["items"] == []
+    assert out["metadata"]["resourceVersion"] == "7"
+    for bad in (
+        b'{"kind":"PodList","items":null}',
+        b'{"kind":"PodList","items":[{"a":1},',
+        b"[1,2]",
+    ):
+        lf = ListFilter(objfilter().keep, lambda m: None)
+
+        def run(lf: ListFilter = lf, bad: bytes = bad) -> None:
+            lf.feed(bad)
+            lf.close()
+
+        with pytest.raises(FilterError):
+            run()
+
+
+def test_nested_lists_of_objects_never_split_an_item() -> None:
+    """Items whose nested lists start with the items' own first key (ownerReferences in
+    sorted-key custom resource lists) are false candidates that fail to decode, never items."""
+    items = [
+        {
+            "apiVersion": "x/v1",
+            "kind": "W",
+            "metadata": {
+                "name": f"w{i}",
+                "namespace": "shown",
+                "ownerReferences": [
+                    {"apiVersion": "a", "name": "o1"},
+                    {"apiVersion": "b", "name": "o2"},
+                ],
+            },
+            "spec": {"list": [{"apiVersion": "z"}]},
+        }
+        for i in range(3)
+    ]
+    body = json.dumps(
+        {
+            "apiVersion": "x/v1",
+            "items": items,
+            "kind": "WList",
+            "metadata": {"resourceVersion": "3"},
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    ).encode()
+    for step in (1, 5, len(body)):
+        out, _lf = run_list(body, objfilter(), [step] * (len(body) // step))
+        assert [i["metadata"]["name"] for i in out["items"]] == ["w0", "w1", "w2"]
+        assert out["items"][0]["spec"] == {"list": [{"apiVersion": "z"}]}
+
+
+def test_pretty_printed_lists_are_read_too() -> None:
+    body = json.dumps(
+        {
+            "kind": "PodList",
+            "apiVersion": "v1",
+            "metadata": {},
+            "items": [a_pod("a", "shown"), a_pod("b", "hidden")],
+        },
+        indent=4,
+    ).encode()
+    out, _ = run_list(body, objfilter(), [17] * 200)
+    assert [i["metadata"]["name"] for i in out["items"]] == ["a"]
+
+
+def test_watch_events_filtered_bookmarks_and_errors_always_pass() -> None:
+    f = objfilter(istiod_pod)
+    wf = WatchFilter(f.keep)
+    events = [
+        {"type": "ADDED", "object": a_pod("a", "shown")},
+        {"type": "ADDED", "object": a_pod("b", "hidden")},
+        {"type": "MODIFIED", "object": a_pod("b", "hidden")},
+        {"type": "DELETED", "object": a_pod("b", "hidden")},
+        {
+            "type": "BOOKMARK",
+            "object": {
+                "kind": "Pod",
+                "apiVersion": "v1",
+                "metadata": {
+                    "resourceVersion": "9",
+                    "annotations": {"k8s.io/initial-events-end": "true"},
+                },
+            },
+        },
+        {"type": "DELETED", "object": a_pod("a", "shown")},
+        {"type": "ERROR", "object": {"kind": "Status", "code": 410}},
+    ]
+    data = b"".join(orjson.dumps(e) + b"\n" for e in events)
+    out = b""
+    for i in range(0, len(data), 13):
+        out += wf.feed(data[i : i + 13])
+    out += wf.close()
+    got = [orjson.loads(line) for line in out.splitlines()]
+    assert [e["type"] for e in got] == ["ADDED", "BOOKMARK", "DELETED", "ERROR"]
+    assert got[1] == events[4]
+    assert f.hidden == 3
+    assert wf.events_out == 4
+    assert b"SECRET" not in out
+    assert b'"b"' not in out
+    with pytest.raises(FilterError):
+        WatchFilter(f.keep).feed(b'{"type":"WHAT","object":{}}\n')
+
+
+def test_istiod_pod_projection_mirrors_strip_pod_unused_fields() -> None:
+    pod = istiod_pod(a_pod("a", "shown"))
+    assert pod["spec"] == {
+        "containers": [{"name": "", "ports": [{"name": "http", "containerPort": 8080}]}],
+        "initContainers": [
+            {"name": "", "ports": [{"containerPort": 15090}], "restartPolicy": "Always"}
+        ],
+        "serviceAccountName": "sa",
+        "nodeName": "node-1",
+        "hostname": "h",
+    }
+    assert pod["status"] == {"podIP": "10.1.2.3", "phase": "Running"}
+    assert pod["metadata"]["annotations"] == {"keep": "1"}
+    assert "managedFields" not in pod["metadata"]
+    assert pod["metadata"]["labels"] == {"app": "a"}
+    assert len(pod["metadata"]["ownerReferences"]) == 2  # Istio keeps them on pods
+
+
+def test_istiod_node_projection_mirrors_strip_node_unused_fields() -> None:
+    node = {
+        "metadata": {
+            "name": "n",
+            "labels": {"topology.kubernetes.io/zone": "z"},
+            "annotations": {"a": "b"},
+            "ownerReferences": [{}],
+            "managedFields": [{}],
+        },
+        "spec": {"podCIDR": "10.0.0.0/24"},
+        "status": {
+            "addresses": [{"type": "InternalIP", "address": "10.0.0.1"}],
+            "capacity": {"cpu": "4"},
+            "allocatable": {},
+            "images": [{}],
+            "conditions": [{}],
+            "nodeInfo": {"kubeletVersion": "v1"},
+        },
+    }
+    out = istiod_node(node)
+    assert out["metadata"] == {"name": "n", "labels": {"topology.kubernetes.io/zone": "z"}}
+    assert out["status"] == {
+        "addresses": [{"type": "InternalIP", "address": "10.0.0.1"}],
+        "nodeInfo": {"kubeletVersion": "v1"},
+    }
+    assert out["spec"] == {"podCIDR": "10.0.0.0/24"}
+
+
+def test_strip_drops_only_the_three_things() -> None:
+    obj = {
+        "metadata": {"name": "s", "managedFields": [], "annotations": {LAST_APPLIED: "x"}},
+        "spec": {"ports": [1]},
+    }
+    assert strip(obj) == {"metadata": {"name": "s"}, "spec": {"ports": [1]}}
+
+
+@pytest.mark.parametrize(
+    ("accept", "expected"),
+    [
+        ("", "application/json"),
+        ("application/vnd.kubernetes.protobuf,application/json", "application/json"),
+        ("application/vnd.kubernetes.protobuf", None),
+        (
+            "application/vnd.kubernetes.protobuf;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1",
+            "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1",
+        ),
+        (
+            "application/json;as=Table;v=v1;g=meta.k8s.io,application/json;as=Table;v=v1beta1;g=meta.k8s.io,application/json",
+            "application/json",
+        ),
+        ("application/json;as=Table;v=v1;g=meta.k8s.io", None),
+        ("application/yaml", None),
+        ("*/*", "application/json"),
+    ],
+)
+def test_negotiation_answers_json_or_nothing(accept: str, expected: str | None) -> None:
+    assert negotiate_json(accept) == expected
+
+
+def test_sealed_tokens_hide_the_key_and_bind_peer_and_rule() -> None:
+    sealer = ContinueSealer(b"serving key")
+    upstream = (
+        "eyJ2IjoibWV0YS5rOHMuaW8vdjEiLCJydiI6Nywic3RhcnQiOiJoaWRkZW4vc2VjcmV0LXBvZFx1MDAwMCJ9"
+    )
+    sealed = sealer.seal(upstream, "a\x00rule")
+    assert upstream not in sealed
+    assert "hidden" not in sealed
+    assert sealer.open(sealed, "a\x00rule") == upstream
+    assert sealer.open(sealed, "b\x00rule") is None
+    assert sealer.open(upstream, "a\x00rule") is None
+    assert sealer.open("apx1.!!!", "a\x00rule") is None
+    other = ContinueSealer(b"another key")
+    assert other.open(sealed, "a\x00rule") is None
+    sealer.rotate(b"new key")
+    assert sealer.open(sealed, "a\x00rule") == upstream  # the previous key still opens
+
+
+def test_namespace_view_tells_resumed_watches_what_they_missed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from apiproxy import nsview as nsview_mod
+    from apiproxy.nsview import NamespaceChange, NamespaceView
+
+    view = NamespaceView(None, None)  # type: ignore[arg-type]  # never started: no upstream
+    concerns_export = lambda c: EXPORT.sees(c.name, c.old) != EXPORT.sees(c.name, c.new)  # noqa: E731
+    assert view.changed_since(10, concerns_export)  # not synced: cannot tell
+    view._apply("team", {}, 100)  # the first LIST
+    view.synced, view.known_since = True, 100
+    assert view.changed_since(99, concerns_export)  # older than what the view knows
+    assert not view.changed_since(100, concerns_export)
+    seen: list[NamespaceChange] = []
+    view.subscribe(seen.append)
+    clock = [1000.0]
+    monkeypatch.setattr(nsview_mod.time, "monotonic", lambda: clock[0])
+    view._apply("team", {"export": "true"}, 120)
+    assert [c.name for c in seen] == ["team"]
+    assert view.changed_since(119, concerns_export)
+    # Learned just now: even a newer resourceVersion may hold a list filtered the old way.
+    assert view.changed_since(150, concerns_export)
+    clock[0] += nsview_mod.RECENT_SECONDS + 1
+    assert not view.changed_since(150, concerns_export)
+    assert view.changed_since(119, concerns_export)
+    # A label change that does not change visibility concerns no one.
+    view._apply("team", {"export": "true", "x": "y"}, 130)
+    assert not view.changed_since(125, concerns_export)
+    assert view.get("team") == {"export": "true", "x": "y"}
