@@ -634,6 +634,9 @@ async def _answer(
         token = meta.get("continue")
         if token:
             meta["continue"] = fctx.sealer.seal(str(token), bound)
+        if fctx.nsview is not None and vis.needs_labels:
+            with contextlib.suppress(ValueError, TypeError):
+                fctx.nsview.note_list_served(int(str(meta.get("resourceVersion"))))
 
     transform: ListFilter | WatchFilter = (
         WatchFilter(ofilter.keep) if watch else ListFilter(ofilter.keep, rewrite_meta)

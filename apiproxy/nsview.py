@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -92,6 +92,9 @@ class NamespaceView:
         # The resourceVersion of the first complete LIST: what happened before it is unknown.
         self.known_since = 0
         self.history: deque[NamespaceChange] = deque(maxlen=HISTORY)
+        # resourceVersion of a filtered LIST this process answered -> when (monotonic): a watch
+        # resumed from it was listed with this view, so only changes learned since then count.
+        self._served: OrderedDict[int, float] = OrderedDict()
         self._listeners: set[Listener] = set()
         self._task: asyncio.Task[None] | None = None
         self._synced_event = asyncio.Event()
@@ -106,7 +109,18 @@ class NamespaceView:
     ) -> bool:
         """Whether a change that `concerns` the caller happened after `resource_version`; True
         when the view cannot tell (not synced, or older than its knowledge)."""
-        if not self.synced or resource_version < self.known_since:
+        if not self.synced:
+            return True
+        served = self._served.get(resource_version)
+        if served is not None:
+            # kube-apiserver serves a list of an idle resource from its watch cache at an old
+            # resourceVersion, possibly older than `known_since`: judged by the time it was
+            # answered, a client's LIST+WATCH never loops on 410s.
+            since = served - RECENT_SECONDS
+            if len(self.history) == self.history.maxlen and self.history[0].learned > since:
+                return True  # changes learned since then were dropped: cannot tell
+            return any(c.learned > since and concerns(c) for c in self.history)
+        if resource_version < self.known_since:
             return True
         if len(self.history) == self.history.maxlen and (
             not self.history or resource_version < self.history[0].resource_version
@@ -120,6 +134,15 @@ class NamespaceView:
             (c.resource_version > resource_version or c.learned > recent) and concerns(c)
             for c in self.history
         )
+
+    def note_list_served(self, resource_version: int) -> None:
+        """A filtered LIST at `resource_version` was answered with this view (synced)."""
+        if not self.synced:
+            return
+        self._served.setdefault(resource_version, time.monotonic())  # the earliest counts
+        self._served.move_to_end(resource_version)
+        while len(self._served) > HISTORY:
+            self._served.popitem(last=False)
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         self._listeners.add(listener)

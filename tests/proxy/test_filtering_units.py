@@ -359,3 +359,14 @@ def test_namespace_view_tells_resumed_watches_what_they_missed(
     view._apply("team", {"export": "true", "x": "y"}, 130)
     assert not view.changed_since(125, concerns_export)
     assert view.get("team") == {"export": "true", "x": "y"}
+    # A list this view answered at an old resourceVersion (an idle resource's watch cache):
+    # judged by when it was answered, never by the resourceVersion alone.
+    view.note_list_served(42)
+    assert not view.changed_since(42, concerns_export)  # older than known_since, yet no 410
+    clock[0] += 1
+    view._apply("team", {}, 140)  # leaves the export view after that list was answered
+    assert view.changed_since(42, concerns_export)
+    clock[0] += nsview_mod.RECENT_SECONDS + 1
+    view.note_list_served(43)
+    assert not view.changed_since(43, concerns_export)
+    assert view.changed_since(41, concerns_export)  # never answered here: older than known
