@@ -37,12 +37,25 @@ CA = pki.make_ca("upstream test CA")
 SERVER = pki.server_cert_for_loopback(CA)
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
 
+# A scenario that takes longer is stuck. scripts/mutate lowers it: many mutants make the client
+# wait forever, and each such mutant costs this long.
+SCENARIO_SECONDS = float(os.environ.get("UPSTREAM_CLIENT_TEST_SECONDS", "60"))
+
 Reply = Callable[["Conn", bytes, bytes], Awaitable[None]]
 
 
 def run(loop: str, scenario: Callable[[], Awaitable[None]]) -> None:
+    """Run `scenario` on `loop`; anything the loop had to report (an exception in a protocol
+    callback, a future's lost exception) fails the test: the proxy would log it as an error."""
+    reported: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _, ctx: reported.append(ctx))
+        await asyncio.wait_for(scenario(), SCENARIO_SECONDS)
+
     with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
-        runner.run(asyncio.wait_for(scenario(), 60))
+        runner.run(main())
+    assert [ctx.get("message") for ctx in reported] == []
 
 
 both_loops = pytest.mark.parametrize("loop", sorted(LOOPS))
@@ -584,3 +597,174 @@ def test_connection_close_and_bodiless_answers_decide_reuse(loop: str) -> None:
             assert len(up.conns) == 2
 
     run(loop, scenario)
+
+
+# -- what the first full mutation run found untested (issue 26) ------------------------------------
+
+
+def lost(conn: _Connection) -> asyncio.Future[None]:
+    """A future done once `conn`'s transport has called connection_lost (after it returned, so
+    anything it raised has been reported to the loop's handler, which fails the test)."""
+    done = conn.loop.create_future()
+    original = conn.connection_lost
+
+    def connection_lost(exc: Exception | None) -> None:
+        try:
+            original(exc)
+        finally:
+            done.set_result(None)
+
+    conn.connection_lost = connection_lost  # type: ignore[method-assign]
+    return done
+
+
+@both_loops
+def test_a_body_of_exactly_the_limit_is_read_and_one_byte_more_is_refused(loop: str) -> None:
+    async def scenario() -> None:
+        async with Upstream(ok) as up:
+            pool = up.pool()
+            resp = await get(pool)
+            assert await resp.read(2) == b"{}"
+            resp.release()
+            resp = await get(pool)
+            with pytest.raises(UpstreamProtocolError, match="longer than 1 bytes"):
+                await resp.read(1)
+            resp.release()
+            assert await body_of(await get(pool)) == b"{}"
+
+    run(loop, scenario)
+
+
+@both_loops
+def test_a_closed_pool_closes_its_connections_refuses_requests_and_keeps_nothing(
+    loop: str,
+) -> None:
+    async def scenario() -> None:
+        async with Upstream(ok) as up:
+            pool = up.pool()
+            first, other = await get(pool), await get(pool)
+            await body_of(first)  # its connection goes idle; `other`'s stays busy
+            idle = pool._idle[0]
+            assert (pool.open_connections, pool.idle_connections) == (2, 1)
+            gone = lost(idle)
+            await pool.close()
+            assert (pool.open_connections, pool.idle_connections) == (0, 0)
+            await gone
+            assert sorted([await up.closed.get(), await up.closed.get()]) == [0, 1]
+            # An answer that outlives its pool does not put its connection back.
+            assert await other.read(100) == b"{}"  # it had come in before the close
+            other.release()
+            assert (pool.open_connections, pool.idle_connections) == (0, 0)
+            with pytest.raises(UpstreamConnectError, match="pool is closed"):
+                await get(pool)
+            assert len(up.conns) == 2  # nothing new was opened
+
+    run(loop, scenario)
+
+
+@both_loops
+@pytest.mark.parametrize("woken", [False, True])
+def test_a_request_waiting_for_a_slot_when_the_pool_closes_is_refused(
+    loop: str, woken: bool
+) -> None:
+    """Also when a released connection had just handed it the slot: a closed pool (shutdown, or
+    the upstream configuration replaced) opens no connection afterwards."""
+
+    async def scenario() -> None:
+        async with Upstream(ok) as up:
+            pool = up.pool(limit=1)
+            held = await get(pool)
+            waiter = asyncio.ensure_future(get(pool))
+            await asyncio.sleep(0)
+            assert not waiter.done()
+            if woken:
+                assert await held.read(100) == b"{}"
+                held.release()  # idle now, and the waiter is told it may go
+            await pool.close()
+            with pytest.raises(UpstreamConnectError, match="pool is closed"):
+                await waiter
+            assert (len(up.conns), pool.open_connections) == (1, 0)
+
+    run(loop, scenario)
+
+
+@both_loops
+def test_bytes_on_an_idle_connection_retire_it_before_they_can_answer_the_next_request(
+    loop: str,
+) -> None:
+    """An upstream (or a desynchronised proxy in front of it) that sends a second answer after the
+    first was read must not have it taken as the answer to whatever is asked next."""
+    released = asyncio.Event()
+    smuggled = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nsmuggled"
+
+    async def reply(conn: Conn, head: bytes, body: bytes) -> None:
+        await ok(conn, head, body)
+        if conn.index == 0:
+            await released.wait()
+            conn.writer.write(smuggled)
+            await conn.writer.drain()
+
+    async def scenario() -> None:
+        async with Upstream(reply) as up:
+            pool = up.pool()
+            await body_of(await get(pool))
+            assert pool.idle_connections == 1
+            released.set()
+            assert await asyncio.wait_for(up.closed.get(), 10) == 0  # we hung up on it
+            assert await body_of(await get(pool)) == b"{}"
+            assert len(up.conns) == 2
+            assert (pool.open_connections, pool.idle_connections) == (1, 1)
+
+    run(loop, scenario)
+
+
+class _FakeTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reading = True
+        self.closing = False
+
+    def pause_reading(self) -> None:
+        assert self.reading
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        assert not self.reading
+        self.reading = True
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+
+def test_back_pressure_holds_again_after_every_resume() -> None:
+    """The upstream socket is not read while more than HIGH_WATER body bytes wait for the reader,
+    every time, not only the first."""
+    loop = asyncio.new_event_loop()
+    try:
+        conn = _Connection(loop, memoryview(bytearray(16)))
+        transport = _FakeTransport()
+        conn.connection_made(transport)
+        conn.response = r = _Response()
+        conn.head_done = loop.create_future()
+        size = 3 * HIGH_WATER
+        conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        for _ in range(2):
+            conn.data_received(b"x" * HIGH_WATER)
+            assert transport.reading  # at the mark, not above it
+            conn.data_received(b"x")
+            assert not transport.reading
+            conn.data_received(b"x")  # more already in flight: still paused, no second pause
+            r.body.clear()
+            r.body_size = 0
+            conn.drained()
+            assert transport.reading
+            conn.drained()  # nothing buffered and not paused: nothing to resume
+            assert transport.reading
+        transport.closing = True
+        conn.close()
+        conn.drained()  # a closed connection is never resumed
+    finally:
+        loop.close()
