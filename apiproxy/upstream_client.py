@@ -471,6 +471,8 @@ class ConnectionPool:
             finally:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
+            if self._closed:  # woken by a release just before the pool closed
+                raise UpstreamConnectError("the upstream pool is closed")
             if self._idle:
                 return await self._acquire()
         self._open += 1
