@@ -67,7 +67,15 @@ from apiproxy import pki
 from apiproxy_dev.sim.seed import pod as seed_pod
 from bench.harness import RESULTS, new_result, say, write_result
 from bench.run import spread
-from tests.istiod.mesh import Istiod, Side, istiod_binary, wait_until
+from tests.istiod.mesh import (
+    Istiod,
+    Side,
+    export_namespace,
+    istiod_binary,
+    pod_status,
+    start_clusters,
+    wait_until,
+)
 from tests.real.cluster import KubeCluster, assets_dir, server_version
 
 NS = "bench"  # the peer's workload namespace
@@ -227,7 +235,8 @@ class Workloads:
         )
 
     def services(self) -> None:
-        self.kube.ensure_namespace(NS)
+        # Exported: the shipped policy shows a peer only labelled namespaces (and istio-system).
+        export_namespace(self.kube, NS)
         names = [f"svc-{k}" for k in range(self.sizes.services)] + [CHURN_SVC]
         for name in names:
             self.kube.apply(
@@ -278,7 +287,7 @@ class Workloads:
                             raise RuntimeError(f"create {name}: {r.status} {await r.text()}")
                     async with s.patch(
                         f"{base}/{name}/status",
-                        data=json.dumps(status_patch(ip, True)),
+                        data=json.dumps(pod_status(ip, True)),
                         headers={"Content-Type": "application/merge-patch+json"},
                     ) as r:
                         if r.status != 200:
@@ -313,7 +322,7 @@ class Workloads:
         self.kube.ok(
             "PATCH",
             f"/api/v1/namespaces/{NS}/pods/{name}/status",
-            status_patch(ip, ready),
+            pod_status(ip, ready),
             content_type="application/merge-patch+json",
         )
 
@@ -325,22 +334,6 @@ class Workloads:
             {"metadata": {"annotations": {STAMP: str(time.time_ns())}}},
             content_type="application/merge-patch+json",
         )
-
-
-def status_patch(ip: str, ready: bool) -> dict[str, Any]:
-    cond = "True" if ready else "False"
-    return {
-        "status": {
-            "phase": "Running",
-            "podIP": ip,
-            "podIPs": [{"ip": ip}],
-            "hostIP": "10.250.0.1",
-            "conditions": [
-                {"type": "Ready", "status": cond},
-                {"type": "ContainersReady", "status": cond},
-            ],
-        }
-    }
 
 
 # ------------------------------------------------------------------------------- what istiod holds
@@ -384,21 +377,8 @@ class IstiodBench:
         tls = pki.server_cert_for_loopback(ca)
         self.kubes = [KubeCluster(self.assets, name=n) for n in ("bench-a", "bench-b")]
         t0 = time.monotonic()
-        errors: list[BaseException] = []
-
-        def start(k: KubeCluster) -> None:
-            try:
-                k.start()
-            except BaseException as exc:  # reported below, on the main thread
-                errors.append(exc)
-
-        threads = [threading.Thread(target=start, args=(k,)) for k in self.kubes]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
+        # Only the peer needs EndpointSlices from kube-controller-manager.
+        start_clusters(self.kubes, controller_manager=False)
         self.kubes[1].start_controller_manager()
         for kube, name, gw in zip(
             self.kubes, ("alpha", "beta"), ("192.0.2.10", "192.0.2.20"), strict=True

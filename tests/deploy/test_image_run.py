@@ -24,6 +24,7 @@ import yaml
 
 from apiproxy import pki
 from tests.real.cluster import KubeCluster, assets_dir
+from tests.real.deploy import provision
 from tests.real.proxied import (
     OWN_UUID,
     POLICY,
@@ -33,7 +34,6 @@ from tests.real.proxied import (
     bind_policy,
     run_kubectl,
 )
-from tests.real.test_federation import _provision
 
 from .conftest import BASE
 from .container import BUILD_TIMEOUT, Container, built_image, give_to_container_user
@@ -333,7 +333,7 @@ def test_federate_in_the_image_holds_the_lease_and_exports_public_json(
     Lease, its exporter answers public.json with this cluster's identity and Istio root, and
     SIGTERM ends it within the grace period with exit code 0, the Lease released."""
     root = pki.make_ca("istio root (image test)")
-    _provision(kube, root)
+    provision(kube, root)
     uid = kube.ok("GET", "/api/v1/namespaces/kube-system")["metadata"]["uid"]
     token = kube.service_account_token(SA_NAMESPACE, "apiproxy-federation")
     sa = service_account_dir(tmp_path / "sa", kube, token, SA_NAMESPACE)

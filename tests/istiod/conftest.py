@@ -4,7 +4,6 @@ a part that does not come up fails the run."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from apiproxy import pki
-from tests.istiod.mesh import Side, istiod_binary, wait_until
+from tests.istiod.mesh import Side, istiod_binary, start_clusters, wait_until
 from tests.real.cluster import KubeCluster, assets_dir
 
 # The bound within which a joined peer must show as synced, with its endpoints, in istiod. Measured
@@ -41,25 +40,6 @@ class Mesh:
         self.b.check_alive()
 
 
-def _start_all(clusters: list[KubeCluster]) -> None:
-    errors: list[BaseException] = []
-
-    def start(c: KubeCluster) -> None:
-        try:
-            c.start()
-            c.start_controller_manager()
-        except BaseException as exc:  # reported below, on the test's thread
-            errors.append(exc)
-
-    threads = [threading.Thread(target=start, args=(c,)) for c in clusters]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-
-
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     istiod = istiod_binary()
@@ -69,7 +49,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     kubes = [KubeCluster(assets, name=n, audit=True) for n in ("mesh-a", "mesh-b")]
     sides: list[Side] = []
     try:
-        _start_all(kubes)
+        start_clusters(kubes)
         gateways = ("192.0.2.10", "192.0.2.20")  # TEST-NET: advertised, never dialled
         for kube, name, gw in zip(kubes, ("alpha", "beta"), gateways, strict=True):
             side = Side(

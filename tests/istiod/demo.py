@@ -21,7 +21,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -31,7 +30,7 @@ from typing import Any
 import yaml
 
 from apiproxy import pki
-from tests.istiod.mesh import ROOT, Side, wait_until
+from tests.istiod.mesh import ROOT, Side, start_clusters, wait_until
 from tests.real.cluster import KubeCluster
 
 TOTAL_STEPS = 8
@@ -126,22 +125,7 @@ class Story:
         self.begin("Two clusters on loopback: etcd, kube-apiserver, kube-controller-manager each")
         assets = Path(os.environ["KUBEBUILDER_ASSETS"])
         self.kubes = [KubeCluster(assets, name=n) for n in ("alpha", "beta")]
-        errors: list[BaseException] = []
-
-        def start(k: KubeCluster) -> None:
-            try:
-                k.start()
-                k.start_controller_manager()
-            except BaseException as exc:  # reported on the main thread
-                errors.append(exc)
-
-        threads = [threading.Thread(target=start, args=(k,)) for k in self.kubes]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
+        start_clusters(self.kubes)
         for k in self.kubes:
             uid = k.ok("GET", "/api/v1/namespaces/kube-system")["metadata"]["uid"]
             self.say(f"{k.name}: kube-apiserver {k.url}, cluster UUID (kube-system uid) {uid}")

@@ -76,6 +76,57 @@ def wait_until(
         time.sleep(interval)
 
 
+def start_clusters(kubes: list[KubeCluster], *, controller_manager: bool = True) -> None:
+    """Start the clusters side by side (each takes seconds), with kube-controller-manager;
+    the first failure is raised here, on the caller's thread."""
+    errors: list[BaseException] = []
+
+    def start(kube: KubeCluster) -> None:
+        try:
+            kube.start()
+            if controller_manager:
+                kube.start_controller_manager()
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(k,)) for k in kubes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+def pod_status(ip: str, ready: bool) -> dict[str, Any]:
+    """What a kubelet reports for a running pod: a merge patch for the status subresource."""
+    cond = "True" if ready else "False"
+    return {
+        "status": {
+            "phase": "Running",
+            "podIP": ip,
+            "podIPs": [{"ip": ip}],
+            "hostIP": "10.250.0.1",
+            "conditions": [
+                {"type": "Ready", "status": cond},
+                {"type": "ContainersReady", "status": cond},
+            ],
+        }
+    }
+
+
+def export_namespace(kube: KubeCluster, namespace: str) -> None:
+    """Label a namespace for export: the shipped policy shows peers only those (and
+    istio-system)."""
+    kube.ensure_namespace(namespace)
+    kube.ok(
+        "PATCH",
+        f"/api/v1/namespaces/{namespace}",
+        {"metadata": {"labels": {"apiproxy.io/export": "true"}}},
+        content_type="application/merge-patch+json",
+    )
+
+
 def _free_port() -> int:
     # istiod and the proxies' peers take explicit ports; a lost race fails the start loudly.
     with socket.socket() as s:
@@ -477,12 +528,7 @@ class Side:
         the shipped policy requires) unless `export` is False."""
         self.kube.ensure_namespace(namespace)
         if export:
-            self.kube.ok(
-                "PATCH",
-                f"/api/v1/namespaces/{namespace}",
-                {"metadata": {"labels": {"apiproxy.io/export": "true"}}},
-                content_type="application/merge-patch+json",
-            )
+            export_namespace(self.kube, namespace)
         self.kube.apply(
             {
                 "apiVersion": "v1",
@@ -525,22 +571,10 @@ class Side:
         self.set_ready(namespace, name, ip, ready)
 
     def set_ready(self, namespace: str, name: str, ip: str, ready: bool) -> None:
-        cond = "True" if ready else "False"
         self.kube.ok(
             "PATCH",
             f"/api/v1/namespaces/{namespace}/pods/{name}/status",
-            {
-                "status": {
-                    "phase": "Running",
-                    "podIP": ip,
-                    "podIPs": [{"ip": ip}],
-                    "hostIP": "10.250.0.1",
-                    "conditions": [
-                        {"type": "Ready", "status": cond},
-                        {"type": "ContainersReady", "status": cond},
-                    ],
-                }
-            },
+            pod_status(ip, ready),
             content_type="application/merge-patch+json",
         )
 
