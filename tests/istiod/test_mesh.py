@@ -14,14 +14,13 @@ import json
 import re
 import time
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from apiproxy import tokens
+from apiproxy import pki, tokens
 from tests.istiod.conftest import CHANGE_BOUND, JOIN_BOUND, Mesh, peer_synced
 from tests.istiod.mesh import Side, wait_until
 
@@ -404,14 +403,18 @@ def test_removing_the_peer_makes_istiod_drop_its_cluster_and_endpoints(
     assert peer_synced(b, a)
 
 
-def test_a_refused_peer_shows_unsynced_in_istiod_and_refused_in_the_proxy(
-    mesh: Mesh, shop: dict[str, str], tmp_path: Path
+def test_refused_peers_show_unsynced_in_istiod_and_refused_in_the_proxy(
+    mesh: Mesh, shop: dict[str, str]
 ) -> None:
-    """A remote secret whose credentials the proxy does not know (a revoked or foreign peer):
-    istiod keeps retrying and reports it unsynced; the proxy audits and counts the refusals."""
+    """Remote secrets whose credentials the proxy does not know: a token signed by a key no peer
+    has (a revoked or foreign peer) and a client certificate from a CA no peer has (a wrong CA).
+    istiod keeps retrying and reports both unsynced; the proxy refuses each: the token with an
+    audited 401, the certificate in the TLS handshake (no request, so only the connection
+    metric). Neither side crashes."""
     a, b = mesh.sides
     assert a.istiod is not None
-    before = metric(b, "apiproxy_authentication_failures_total")
+    authn_before = metric(b, "apiproxy_authentication_failures_total")
+    tls_before = metric(b, "apiproxy_connections_closed_total", 'reason="handshake_failed"')
     rogue = tokens.mint(
         ed25519.Ed25519PrivateKey.generate(),
         subject=a.uuid,
@@ -419,24 +422,40 @@ def test_a_refused_peer_shows_unsynced_in_istiod_and_refused_in_the_proxy(
         scope="api",
         ttl_seconds=600,
     )
-    kubeconfig = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [
-            {
-                "name": "rogue",
-                "cluster": {
-                    "server": f"https://127.0.0.1:{b.proxy_port}",
-                    "certificate-authority-data": base64.b64encode(
-                        mesh.ca.cert_pem.encode()
-                    ).decode(),
-                },
-            }
-        ],
-        "users": [{"name": "rogue", "user": {"token": rogue}}],
-        "contexts": [{"name": "rogue", "context": {"cluster": "rogue", "user": "rogue"}}],
-        "current-context": "rogue",
-    }
+    foreign = pki.issue(
+        pki.make_ca("a CA no peer has"),
+        "istiod",
+        uris=("spiffe://cluster.local/ns/istio-system/sa/istiod",),
+        client=True,
+    )
+
+    def b64(text: str) -> str:
+        return base64.b64encode(text.encode()).decode()
+
+    def kubeconfig(user: dict[str, str]) -> str:
+        return b64(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [
+                        {
+                            "name": "rogue",
+                            "cluster": {
+                                "server": f"https://127.0.0.1:{b.proxy_port}",
+                                "certificate-authority-data": b64(mesh.ca.cert_pem),
+                            },
+                        }
+                    ],
+                    "users": [{"name": "rogue", "user": user}],
+                    "contexts": [
+                        {"name": "rogue", "context": {"cluster": "rogue", "user": "rogue"}}
+                    ],
+                    "current-context": "rogue",
+                }
+            )
+        )
+
     a.kube.apply(
         {
             "apiVersion": "v1",
@@ -446,17 +465,36 @@ def test_a_refused_peer_shows_unsynced_in_istiod_and_refused_in_the_proxy(
                 "namespace": "istio-system",
                 "labels": {"istio/multiCluster": "true"},
             },
-            "data": {"rogue": base64.b64encode(yaml.safe_dump(kubeconfig).encode()).decode()},
+            "data": {
+                "rogue-token": kubeconfig({"token": rogue}),
+                "rogue-ca": kubeconfig(
+                    {
+                        "client-certificate-data": b64(foreign.cert_pem),
+                        "client-key-data": b64(foreign.key_pem),
+                    }
+                ),
+            },
         }
     )
+    rogues = ("rogue-token", "rogue-ca")
     try:
         wait_until(
-            lambda: a.istiod.clusters().get("rogue"), CHANGE_BOUND, "istiod adds the rogue cluster"
-        )
-        wait_until(
-            lambda: metric(b, "apiproxy_authentication_failures_total") > before or None,
+            lambda: all(a.istiod.clusters().get(r) for r in rogues) or None,
             CHANGE_BOUND,
-            "the proxy counts the refusals",
+            "istiod adds both rogue clusters",
+        )
+        # istiod retries; the proxy refuses every attempt, each in its own way.
+        wait_until(
+            lambda: (
+                (
+                    metric(b, "apiproxy_authentication_failures_total") >= authn_before + 3
+                    and metric(b, "apiproxy_connections_closed_total", 'reason="handshake_failed"')
+                    >= tls_before + 3
+                )
+                or None
+            ),
+            CHANGE_BOUND,
+            "the proxy refuses both, repeatedly",
         )
         refused = [
             r
@@ -465,23 +503,22 @@ def test_a_refused_peer_shows_unsynced_in_istiod_and_refused_in_the_proxy(
             and "apiproxy.io/authn-failure" in (r.get("annotations") or {})
         ]
         assert refused, "no audited refusal"
-        # The token never shows in the audit record.
-        assert rogue not in b.audit_file.read_text()
-        # Still unsynced (`syncing`, `timeout` after PILOT_REMOTE_CLUSTER_TIMEOUT) after the proxy
-        # refused it several times; the other direction is untouched.
-        wait_until(
-            lambda: metric(b, "apiproxy_authentication_failures_total") >= before + 3 or None,
-            CHANGE_BOUND,
-            "istiod retries and is refused again",
-        )
-        assert a.istiod.clusters()["rogue"] in ("syncing", "timeout"), a.istiod.clusters()
+        assert {r["user"]["username"] for r in refused} == {"system:anonymous"}
+        # Neither credential shows in the audit log.
+        text = b.audit_file.read_text()
+        assert rogue not in text
+        assert foreign.key_pem.splitlines()[1] not in text
+        # Unsynced (`syncing`, `timeout` after PILOT_REMOTE_CLUSTER_TIMEOUT); the other direction
+        # is untouched, and both processes live on (checked after every test).
+        clusters = a.istiod.clusters()
+        assert {clusters[r] for r in rogues} <= {"syncing", "timeout"}, clusters
         assert peer_synced(b, a)
     finally:
         a.kube.ok("DELETE", "/api/v1/namespaces/istio-system/secrets/istio-remote-secret-rogue")
     wait_until(
-        lambda: "rogue" not in a.istiod.clusters() or None,
+        lambda: not set(rogues) & set(a.istiod.clusters()) or None,
         CHANGE_BOUND,
-        "istiod drops the rogue cluster",
+        "istiod drops the rogue clusters",
     )
     # This test runs last on purpose: in this istiod, removing a remote cluster that never synced
     # can leave its secret controller blocked, so later remote-secret changes go unprocessed until
