@@ -1,4 +1,4 @@
-"""istiod's remote-cluster informer set, opened by the real client-go (scripts/clientgo/main.go).
+"""istiod's remote-cluster informer set, opened by the real client-go (tools/clientgo/main.go).
 
 `binary()` finds the program (CLIENTGO_INFORMERS, which scripts/test exports, else it builds and
 caches it through scripts/clientgo-informers); `run()` runs it against a kubeconfig with WatchList
@@ -10,8 +10,10 @@ tell which path was used).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -43,11 +45,7 @@ def binary() -> Path:
 async def run(
     program: Path, kubeconfig: Path, *, watchlist: bool, args: tuple[str, ...] = ()
 ) -> dict[str, Any]:
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(kubeconfig.parent),
-        "KUBE_FEATURE_WatchListClient": "true" if watchlist else "false",
-    }
+    env = _env(kubeconfig, watchlist)
     proc = await asyncio.create_subprocess_exec(
         str(program),
         "-kubeconfig",
@@ -69,6 +67,70 @@ async def run(
     report["exit"] = proc.returncode
     report["stderr"] = err.decode(errors="replace")[-4000:]
     return report
+
+
+class Following:
+    """The program run with -follow: its report, then what its pods informer holds, line by line."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, report: dict[str, Any]) -> None:
+        self.proc = proc
+        self.report = report
+        self.pods: set[str] = set()
+
+    async def until(self, ok: Callable[[set[str]], bool]) -> float:
+        """Read pods lines until `ok(pods)`; the seconds it took (client-go's own events, no
+        polling). Callers bound it with `asyncio.timeout`."""
+        assert self.proc.stdout is not None
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while not ok(self.pods):
+            line = await self.proc.stdout.readline()
+            if not line:
+                raise AssertionError(f"clientgo-informers exited; its pods: {self.pods}")
+            self.pods = set(json.loads(line)["pods"])
+        return loop.time() - start
+
+
+@contextlib.asynccontextmanager
+async def follow(
+    program: Path, kubeconfig: Path, *, watchlist: bool, args: tuple[str, ...] = ()
+) -> AsyncIterator[Following]:
+    """Run the informer set with -follow; yields once it reported, stops it on the way out."""
+    proc = await asyncio.create_subprocess_exec(
+        str(program),
+        "-kubeconfig",
+        str(kubeconfig),
+        "-timeout",
+        "60s",
+        "-follow",
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        env=_env(kubeconfig, watchlist),
+    )
+    assert proc.stdout is not None
+    assert proc.stdin is not None
+    try:
+        first = await asyncio.wait_for(proc.stdout.readline(), 120)
+        if not first.strip():
+            raise AssertionError(f"clientgo-informers printed nothing (exit {proc.returncode})")
+        yield Following(proc, json.loads(first))
+    finally:
+        proc.stdin.close()
+        try:
+            await asyncio.wait_for(proc.wait(), 30)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+def _env(kubeconfig: Path, watchlist: bool) -> dict[str, str]:
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(kubeconfig.parent),
+        "KUBE_FEATURE_WatchListClient": "true" if watchlist else "false",
+    }
 
 
 def resource_of(path: str) -> str:

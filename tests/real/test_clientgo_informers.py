@@ -3,6 +3,7 @@ a real kube-apiserver whose RBAC for the proxy is exactly `apiproxy policy rbac`
 
 from __future__ import annotations
 
+import asyncio
 import json
 import urllib.request
 from pathlib import Path
@@ -192,3 +193,75 @@ async def test_istiod_informer_set_syncs_against_the_real_apiserver(
     secrets = [r for r in records if r.get("objectRef", {}).get("resource") == "secrets"]
     assert secrets
     assert {r["annotations"].get("apiproxy.io/view") for r in secrets} == {"empty"}
+
+
+# How long client-go's informer may take to show, or drop, the pods of a namespace whose export
+# label changed: the proxy's namespace watch, then the ERROR 410 on the open pod watch, then
+# client-go's re-list (WatchList or LIST+WATCH). Measured at well under a second here.
+EXPORT_BOUND = 30.0
+
+
+@pytest.mark.parametrize("watchlist", [False, True], ids=["list-watch", "watch-list"])
+async def test_exporting_a_namespace_shows_its_pods_to_client_go_and_unexporting_hides_them(
+    seeded: KubeCluster, world: World, tmp_path: Path, clientgo: Path, watchlist: bool
+) -> None:
+    kube = seeded
+    ns = f"cg-export-{'wl' if watchlist else 'lw'}"
+    kube.ensure_namespace(ns)
+    kube.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "cg-pod", "namespace": ns},
+            "spec": {"containers": [{"name": "c", "image": "busybox"}]},
+        }
+    )
+    key = f"{ns}/cg-pod"
+
+    def label(value: str | None) -> None:
+        kube.ok(
+            "PATCH",
+            f"/api/v1/namespaces/{ns}",
+            {"metadata": {"labels": {informers.EXPORT_LABEL: value}}},
+            content_type="application/merge-patch+json",
+        )
+
+    files = make_files(world, tmp_path, policy=SHIPPED.read_text())
+    files.token.write_text(_proxy_token(kube))
+    files.upstream_ca.write_text(kube.ca.cert_pem)
+    proxy = ProxyServer(
+        ServeConfig(
+            tls_cert=str(files.tls_cert),
+            tls_key=str(files.tls_key),
+            peers=str(files.peers),
+            cluster_uuid=OWN_UUID,
+            policy=str(files.policy),
+            upstream=upstream.from_flags(kube.url, str(files.upstream_ca), str(files.token)),
+            audit_log=str(files.audit),
+            reload_interval_seconds=0,
+        )
+    )
+    await proxy.start()
+    try:
+        kcfg = kubeconfig(world, proxy, world.client_a, tmp_path / "kubeconfig")
+        async with informers.follow(clientgo, kcfg, watchlist=watchlist) as following:
+            assert following.report["synced"], following.report["unsynced"]
+            await following.until(lambda pods: bool(pods))
+            assert key not in following.pods  # not exported: hidden
+            label("true")
+            async with asyncio.timeout(EXPORT_BOUND):
+                shown = await following.until(lambda pods: key in pods)
+            label(None)
+            async with asyncio.timeout(EXPORT_BOUND):
+                hidden = await following.until(lambda pods: key not in pods)
+            print(
+                f"client-go ({'WatchList' if watchlist else 'LIST+WATCH'}): pods shown "
+                f"{shown:.2f}s after export, gone {hidden:.2f}s after unexport"
+            )
+    finally:
+        await proxy.stop()
+        kube.ok("DELETE", f"/api/v1/namespaces/{ns}")
+    # The proxy sent the informer back to list each time (ERROR 410 Expired on the pod watch).
+    records = audit_records(files.audit)
+    expired = [r for r in records if "apiproxy.io/filter-expired" in r.get("annotations", {})]
+    assert expired, "no watch was sent back to list"

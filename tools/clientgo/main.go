@@ -112,6 +112,7 @@ func main() {
 	meshConfigMap := flag.String("mesh-configmap", "istio", "name of the mesh ConfigMap (istio-<rev> for revisions)")
 	gatewayVersion := flag.String("gateway-version", "v1", "gateway.networking.k8s.io version (v1beta1 before Istio 1.29)")
 	skip := flag.String("skip", "", "comma-separated informers not to open (e.g. endpointslices on servers without discovery.k8s.io/v1)")
+	follow := flag.Bool("follow", false, "after the report (one line), keep the informers running and print {\"pods\": [ns/name...]} whenever the pods informer's contents change, until stdin closes")
 	flag.Parse()
 
 	cfg, err := clientcmd.BuildConfigFromFlags("", *kubeconfig)
@@ -203,6 +204,22 @@ func main() {
 	}
 	sort.Strings(names)
 
+	// -follow: what a consumer of the pods informer holds, printed on every change.
+	var outMu sync.Mutex
+	lastPods := ""
+	emitPods := func() {
+		keys := set["pods"].GetStore().ListKeys()
+		sort.Strings(keys)
+		line, _ := json.Marshal(map[string][]string{"pods": keys})
+		outMu.Lock()
+		defer outMu.Unlock()
+		if string(line) != lastPods {
+			lastPods = string(line)
+			os.Stdout.Write(append(line, '\n'))
+		}
+	}
+	reportDone := false
+
 	stop := make(chan struct{})
 	started := time.Now()
 	factory.Start(stop)
@@ -235,17 +252,43 @@ func main() {
 	}
 	res.Watching = watching(log, names)
 	mu.Unlock()
-	close(stop)
 	errMu.Lock()
 	mu.Lock()
 	res.Requests = append([]request(nil), log...)
-	out, _ := json.MarshalIndent(res, "", "  ")
+	var out []byte
+	if *follow {
+		out, _ = json.Marshal(res) // one line, then the pods lines
+	} else {
+		out, _ = json.MarshalIndent(res, "", "  ")
+	}
 	mu.Unlock()
 	errMu.Unlock()
+	outMu.Lock()
 	os.Stdout.Write(append(out, '\n'))
+	reportDone = true
+	outMu.Unlock()
 	if !res.Synced || !res.Watching {
+		close(stop)
 		os.Exit(1)
 	}
+	if *follow && set["pods"] != nil {
+		handler := func() {
+			outMu.Lock()
+			ready := reportDone
+			outMu.Unlock()
+			if ready {
+				emitPods()
+			}
+		}
+		_, _ = set["pods"].AddEventHandler(cache.ResourceEventHandlerFuncs{
+			AddFunc:    func(any) { handler() },
+			UpdateFunc: func(any, any) { handler() },
+			DeleteFunc: func(any) { handler() },
+		})
+		emitPods()
+		_, _ = io.Copy(io.Discard, os.Stdin) // until the test closes stdin
+	}
+	close(stop)
 }
 
 // watching: every informer has a watch request the server answered 200.
