@@ -90,7 +90,14 @@ async def two_sides(clusters, tmp_path, loopback_server_cert, exporter_tls, test
     a = await _side(
         await clusters("a"), tmp_path / "a", loopback_server_cert, exporter_tls, credential_ttl=6.0
     )
-    b = await _side(await clusters("bb"), tmp_path / "b", loopback_server_cert, exporter_tls)
+    bb = await clusters("bb")
+    # B exports "default" to its peers (the shipped policy shows only exported namespaces), before
+    # its proxy starts: a namespace exported moments before a list sends watches resumed from that
+    # list back to list (410) for 2 s, and A's 6 s credentials would not outlast the retries.
+    default = bb.store.get("namespaces", "default")
+    default["metadata"].setdefault("labels", {})["apiproxy.io/export"] = "true"
+    bb.store.update(default)
+    b = await _side(bb, tmp_path / "b", loopback_server_cert, exporter_tls)
     try:
         a.cluster.create_imc("b", b.fed.exporter_url, test_ca.cert_pem)
         b.cluster.create_imc("a", a.fed.exporter_url, test_ca.cert_pem)
@@ -134,10 +141,6 @@ def _pod(name: str) -> dict[str, Any]:
 
 async def test_istiod_in_a_discovers_b_through_bs_api_proxy(two_sides):
     a, b = two_sides
-    # B exports "default" to its peers (the shipped policy shows only exported namespaces).
-    default = b.cluster.store.get("namespaces", "default")
-    default["metadata"].setdefault("labels", {})["apiproxy.io/export"] = "true"
-    b.cluster.store.update(default)
     b.cluster.store.create(_pod("web-1"))
     b.cluster.store.create(
         {
