@@ -48,6 +48,12 @@ def seed(store: Store, *, list_pods: int, list_split: int, churn_pods: int) -> i
     n += add_pods(
         store, LIST_NS[1], list_pods - small, start=small, labels=label, managed_fields=False
     )
+    # Exported, as the shipped policy requires for a peer to see them (bench.rotation runs it);
+    # other policies ignore namespace labels.
+    for ns in {SMALL_NS, CHURN_NS, *LIST_NS}:
+        obj = store.get("namespaces", ns)
+        obj["metadata"].setdefault("labels", {})["apiproxy.io/export"] = "true"
+        store.update(obj)
     store.compact()  # no seeding history: watches start from now
     return n
 
