@@ -14,6 +14,7 @@ import json
 import re
 import time
 import urllib.request
+from functools import partial
 from typing import Any
 
 import pytest
@@ -22,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from apiproxy import pki, tokens
 from tests.istiod.conftest import CHANGE_BOUND, JOIN_BOUND, Mesh, peer_synced
-from tests.istiod.mesh import Side, wait_until
+from tests.istiod.mesh import Istiod, Side, wait_until
 
 NS = "shop"
 HOST = f"web.{NS}.svc.cluster.local"
@@ -113,8 +114,13 @@ def test_istiod_holds_the_peers_service_with_the_peers_pod_ips(
         assert ep["Network"] == b.network, ep
     # Nothing of web from alpha itself: the service exists only in beta.
     assert a.istiod.endpoints(HOST, NS, a.cluster_id) == []
-    services = {s["hostname"]: s for s in a.istiod.debug("registryz")}
-    assert b.cluster_id in services[HOST]["clusterVIPs"]["Addresses"], services[HOST]
+    # registryz is istiod's service view, which can trail its endpoint shards by a push.
+    service, _ = wait_until(
+        lambda: next((s for s in a.istiod.debug("registryz") if s["hostname"] == HOST), None),
+        CHANGE_BOUND,
+        f"{HOST} in alpha's registryz",
+    )
+    assert b.cluster_id in service["clusterVIPs"]["Addresses"], service
 
 
 def test_istiod_sees_nothing_of_a_namespace_the_peer_does_not_export(
@@ -148,10 +154,26 @@ def test_istiod_sees_nothing_of_a_namespace_the_peer_does_not_export(
         b.delete_pod("payroll", "ledger-1")
 
 
+def _gateways_with(istiod: Istiod, network: str) -> list[dict[str, Any]] | None:
+    gateways = list(istiod.debug("networkz") or [])
+    return gateways if any(g["Network"] == network for g in gateways) else None
+
+
+def _mesh_with_roots(istiod: Istiod) -> dict[str, Any] | None:
+    mesh = dict(istiod.debug("mesh"))
+    return mesh if mesh.get("caCertificates") else None
+
+
 def test_istiod_lists_the_peers_network_with_its_east_west_gateway(mesh: Mesh) -> None:
     for side, peer in ((mesh.a, mesh.b), (mesh.b, mesh.a)):
-        assert side.istiod is not None
-        gateways = side.istiod.debug("networkz") or []
+        istiod = side.istiod
+        assert istiod is not None
+        # meshNetworks reaches istiod through its ConfigMap watch: wait for the peer's network.
+        gateways, _ = wait_until(
+            partial(_gateways_with, istiod, peer.network),
+            CHANGE_BOUND,
+            f"{side.name}'s networkz lists {peer.network}",
+        )
         addr, port = peer.gateway.rsplit(":", 1)
         assert {"Network": peer.network, "Addr": addr, "Port": int(port)}.items() <= {
             k: v for g in gateways if g["Network"] == peer.network for k, v in g.items()
@@ -162,8 +184,12 @@ def test_istiod_lists_the_peers_network_with_its_east_west_gateway(mesh: Mesh) -
 
 def test_istiod_trusts_the_peers_root_from_the_mesh_config_it_loaded(mesh: Mesh) -> None:
     for side, peer in ((mesh.a, mesh.b), (mesh.b, mesh.a)):
-        assert side.istiod is not None
-        loaded = side.istiod.debug("mesh")
+        istiod = side.istiod
+        assert istiod is not None
+        # The mesh ConfigMap reaches istiod through its watch: wait until a root is loaded.
+        loaded, _ = wait_until(
+            partial(_mesh_with_roots, istiod), CHANGE_BOUND, f"{side.name}'s mesh has a root"
+        )
         pems = [c.get("pem", "") for c in loaded.get("caCertificates") or []]
         assert [p.strip() for p in pems] == [peer.root.cert_pem.strip()], loaded
 
