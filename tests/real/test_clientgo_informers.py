@@ -17,7 +17,7 @@ from apiproxy.policy.rbac import rbac_documents
 from apiproxy.policy.shipped import shipped_policy
 from apiproxy.server import ProxyServer, ServeConfig
 from tests import informers
-from tests.proxy.conftest import OWN_UUID, World, audit_records, make_files
+from tests.proxy.conftest import OWN_UUID, Files, World, audit_records, make_files
 from tests.proxy.conftest import world as world  # the proxy tier's PKI fixture, reused
 from tests.proxy.test_e2e_sim import kubeconfig
 from tests.real.cluster import KubeCluster
@@ -108,6 +108,29 @@ def _proxy_token(kube: KubeCluster) -> str:
     return token
 
 
+async def _shipped_proxy(
+    kube: KubeCluster, world: World, tmp_path: Path
+) -> tuple[ProxyServer, Files]:
+    """A started proxy in front of `kube` under the shipped policy and its generated RBAC."""
+    files = make_files(world, tmp_path, policy=SHIPPED.read_text())
+    files.token.write_text(_proxy_token(kube))
+    files.upstream_ca.write_text(kube.ca.cert_pem)
+    proxy = ProxyServer(
+        ServeConfig(
+            tls_cert=str(files.tls_cert),
+            tls_key=str(files.tls_key),
+            peers=str(files.peers),
+            cluster_uuid=OWN_UUID,
+            policy=str(files.policy),
+            upstream=upstream.from_flags(kube.url, str(files.upstream_ca), str(files.token)),
+            audit_log=str(files.audit),
+            reload_interval_seconds=0,
+        )
+    )
+    await proxy.start()
+    return proxy, files
+
+
 def _expected(kube: KubeCluster, skipped: set[str]) -> dict[str, int]:
     queries = {
         "namespaces": "/api/v1/namespaces",
@@ -147,22 +170,7 @@ async def test_istiod_informer_set_syncs_against_the_real_apiserver(
             "(sendInitialEvents, 1.27+)"
         )
     skipped = set() if kube_version >= ENDPOINTSLICE_V1 else {"endpointslices"}
-    files = make_files(world, tmp_path, policy=SHIPPED.read_text())
-    files.token.write_text(_proxy_token(kube))
-    files.upstream_ca.write_text(kube.ca.cert_pem)
-    proxy = ProxyServer(
-        ServeConfig(
-            tls_cert=str(files.tls_cert),
-            tls_key=str(files.tls_key),
-            peers=str(files.peers),
-            cluster_uuid=OWN_UUID,
-            policy=str(files.policy),
-            upstream=upstream.from_flags(kube.url, str(files.upstream_ca), str(files.token)),
-            audit_log=str(files.audit),
-            reload_interval_seconds=0,
-        )
-    )
-    await proxy.start()
+    proxy, files = await _shipped_proxy(kube, world, tmp_path)
     try:
         kcfg = kubeconfig(world, proxy, world.client_a, tmp_path / "kubeconfig")
         args = ("-skip", ",".join(sorted(skipped))) if skipped else ()
@@ -226,22 +234,7 @@ async def test_exporting_a_namespace_shows_its_pods_to_client_go_and_unexporting
             content_type="application/merge-patch+json",
         )
 
-    files = make_files(world, tmp_path, policy=SHIPPED.read_text())
-    files.token.write_text(_proxy_token(kube))
-    files.upstream_ca.write_text(kube.ca.cert_pem)
-    proxy = ProxyServer(
-        ServeConfig(
-            tls_cert=str(files.tls_cert),
-            tls_key=str(files.tls_key),
-            peers=str(files.peers),
-            cluster_uuid=OWN_UUID,
-            policy=str(files.policy),
-            upstream=upstream.from_flags(kube.url, str(files.upstream_ca), str(files.token)),
-            audit_log=str(files.audit),
-            reload_interval_seconds=0,
-        )
-    )
-    await proxy.start()
+    proxy, files = await _shipped_proxy(kube, world, tmp_path)
     try:
         kcfg = kubeconfig(world, proxy, world.client_a, tmp_path / "kubeconfig")
         async with informers.follow(clientgo, kcfg, watchlist=watchlist) as following:
