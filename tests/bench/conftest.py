@@ -4,6 +4,8 @@ reading back the results it wrote. No performance thresholds: figures belong in 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -39,15 +41,23 @@ def run_bench(tmp_path: Path) -> BenchRunner:
 
     def run(module: str, *args: str, timeout: float = 380) -> BenchRun:
         out = tmp_path / f"{module.rpartition('.')[2]}.json"
-        proc = subprocess.run(
+        # Its own session: a bench that overruns is stopped with everything it started
+        # (servers, clusters, istiod), not just its own process.
+        proc = subprocess.Popen(
             [sys.executable, "-m", module, *args, "--out", str(out)],
             cwd=ROOT,
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=timeout,
-            check=False,
+            start_new_session=True,
         )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return BenchRun(proc.stdout, proc.stderr, json.loads(out.read_text()), out)
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+        assert proc.returncode == 0, stderr[-3000:]
+        return BenchRun(stdout, stderr, json.loads(out.read_text()), out)
 
     return run
