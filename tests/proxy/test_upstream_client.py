@@ -143,9 +143,45 @@ def client_ssl() -> ssl.SSLContext:
     return ssl.create_default_context(cadata=CA.cert_pem)
 
 
-async def ok(conn: Conn, _head: bytes, _body: bytes) -> None:
-    conn.writer.write(OK)
-    await conn.writer.drain()
+def run_against(
+    loop: str,
+    reply: Reply,
+    scenario: Callable[[Upstream, ConnectionPool], Awaitable[None]],
+    *,
+    tls: bool = True,
+    **pool_kw: Any,
+) -> None:
+    """`run` `scenario` on `loop` with a scripted upstream that answers with `reply` and a pool
+    to it (`pool_kw` for the pool; `tls=False`: plain TCP for both)."""
+
+    async def main() -> None:
+        async with Upstream(reply, tls=tls) as up:
+            await scenario(up, up.pool(**pool_kw))
+
+    run(loop, main)
+
+
+def sends(answer: bytes, *, then_close: bool = False) -> Reply:
+    """A reply that writes `answer` to every request (and then closes the connection)."""
+
+    async def reply(conn: Conn, _head: bytes, _body: bytes) -> None:
+        conn.writer.write(answer)
+        await conn.writer.drain()
+        if then_close:
+            conn.writer.close()
+
+    return reply
+
+
+ok = sends(OK)
+
+
+async def close_second(conn: Conn, head: bytes, body: bytes) -> None:
+    """As an upstream whose idle timeout fires just as the second request is written."""
+    if conn.requests == 2:
+        conn.writer.transport.abort()
+        return
+    await ok(conn, head, body)
 
 
 async def body_of(resp: UpstreamResponse) -> bytes:
@@ -164,30 +200,28 @@ async def get(pool: ConnectionPool, target: str = "/api/v1/pods", **kw: Any) -> 
 
 @both_loops
 def test_request_head_is_the_raw_target_host_and_given_headers_only(loop: str) -> None:
-    async def scenario() -> None:
-        async with Upstream(ok) as up:
-            pool = up.pool()
-            target = "/api/v1/namespaces/x/pods?labelSelector=app%3DX&watch=0"
-            # A byte that is not UTF-8 arrives from aiohttp surrogate-escaped; it goes out as is.
-            headers = [("Accept", "application/json"), ("X-Two", "1"), ("X-Two", "caf\udce9")]
-            resp = await pool.request("GET", target, headers, None, read_timeout=10)
-            assert (resp.status, resp.reason, await body_of(resp)) == (200, "OK", b"{}")
-            resp = await pool.request("POST", "/api/v1/x", [], b"abc", read_timeout=10)
-            await body_of(resp)
-            resp = await pool.request("PUT", "/api/v1/x", [], None, read_timeout=10)
-            await body_of(resp)
-            await pool.close()
-            assert up.heads == [
-                f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{up.port}\r\n".encode()
-                + b"Accept: application/json\r\nX-Two: 1\r\nX-Two: caf\xe9\r\n\r\n",
-                f"POST /api/v1/x HTTP/1.1\r\nHost: 127.0.0.1:{up.port}\r\n".encode()
-                + b"Content-Length: 3\r\n\r\n",
-                f"PUT /api/v1/x HTTP/1.1\r\nHost: 127.0.0.1:{up.port}\r\n".encode()
-                + b"Content-Length: 0\r\n\r\n",
-            ]
-            assert len(up.conns) == 1  # all three on one keep-alive connection
+    async def scenario(up: Upstream, pool: ConnectionPool) -> None:
+        target = "/api/v1/namespaces/x/pods?labelSelector=app%3DX&watch=0"
+        # A byte that is not UTF-8 arrives from aiohttp surrogate-escaped; it goes out as is.
+        headers = [("Accept", "application/json"), ("X-Two", "1"), ("X-Two", "caf\udce9")]
+        resp = await pool.request("GET", target, headers, None, read_timeout=10)
+        assert (resp.status, resp.reason, await body_of(resp)) == (200, "OK", b"{}")
+        resp = await pool.request("POST", "/api/v1/x", [], b"abc", read_timeout=10)
+        await body_of(resp)
+        resp = await pool.request("PUT", "/api/v1/x", [], None, read_timeout=10)
+        await body_of(resp)
+        await pool.close()
+        assert up.heads == [
+            f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{up.port}\r\n".encode()
+            + b"Accept: application/json\r\nX-Two: 1\r\nX-Two: caf\xe9\r\n\r\n",
+            f"POST /api/v1/x HTTP/1.1\r\nHost: 127.0.0.1:{up.port}\r\n".encode()
+            + b"Content-Length: 3\r\n\r\n",
+            f"PUT /api/v1/x HTTP/1.1\r\nHost: 127.0.0.1:{up.port}\r\n".encode()
+            + b"Content-Length: 0\r\n\r\n",
+        ]
+        assert len(up.conns) == 1  # all three on one keep-alive connection
 
-    run(loop, scenario)
+    run_against(loop, ok, scenario)
 
 
 @pytest.mark.parametrize(
@@ -214,14 +248,12 @@ def test_line_breaks_and_nul_are_refused_before_anything_is_sent(
     else:
         message = "^refusing a header with a line break or NUL: " + re.escape(repr(header[0])) + "$"
 
-    async def scenario() -> None:
-        async with Upstream(ok) as up:
-            pool = up.pool()
-            with pytest.raises(UpstreamProtocolError, match=message):
-                await pool.request("GET", target, [header], None, read_timeout=10)
-            assert (up.heads, up.conns, pool.open_connections) == ([], [], 0)
+    async def scenario(up: Upstream, pool: ConnectionPool) -> None:
+        with pytest.raises(UpstreamProtocolError, match=message):
+            await pool.request("GET", target, [header], None, read_timeout=10)
+        assert (up.heads, up.conns, pool.open_connections) == ([], [], 0)
 
-    run("uvloop", scenario)
+    run_against("uvloop", ok, scenario)
 
 
 # -- what comes back -------------------------------------------------------------------------------
@@ -229,73 +261,61 @@ def test_line_breaks_and_nul_are_refused_before_anything_is_sent(
 
 @both_loops
 def test_a_streamed_body_is_handed_on_before_the_rest_is_sent(loop: str) -> None:
-    async def scenario() -> None:
-        first_seen = asyncio.Event()
+    first_seen = asyncio.Event()
 
-        async def watch(conn: Conn, _h: bytes, _b: bytes) -> None:
-            w = conn.writer
-            w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
-            w.write(b"6\r\nevent1\r\n")
-            await w.drain()
-            await first_seen.wait()  # the second event exists only once the first got through
-            w.write(b"6\r\nevent2\r\n0\r\n\r\n")
-            await w.drain()
+    async def watch(conn: Conn, _h: bytes, _b: bytes) -> None:
+        w = conn.writer
+        w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        w.write(b"6\r\nevent1\r\n")
+        await w.drain()
+        await first_seen.wait()  # the second event exists only once the first got through
+        w.write(b"6\r\nevent2\r\n0\r\n\r\n")
+        await w.drain()
 
-        async with Upstream(watch) as up:
-            pool = up.pool()
-            resp = await pool.request("GET", "/api/v1/pods?watch=1", [], None, read_timeout=None)
-            got = []
-            async for chunk in resp.chunks():
-                got.append(bytes(chunk))
-                first_seen.set()
-            resp.release()
-            assert got == [b"event1", b"event2"]
-            assert pool.idle_connections == 1  # complete: kept for the next request
-            await pool.close()
+    async def scenario(up: Upstream, pool: ConnectionPool) -> None:
+        resp = await pool.request("GET", "/api/v1/pods?watch=1", [], None, read_timeout=None)
+        got = []
+        async for chunk in resp.chunks():
+            got.append(bytes(chunk))
+            first_seen.set()
+        resp.release()
+        assert got == [b"event1", b"event2"]
+        assert pool.idle_connections == 1  # complete: kept for the next request
+        await pool.close()
 
-    run(loop, scenario)
+    run_against(loop, watch, scenario)
 
 
 @both_loops
 def test_a_body_cut_short_is_an_error_and_the_connection_is_dropped(loop: str) -> None:
-    async def short(conn: Conn, _h: bytes, _b: bytes) -> None:
-        conn.writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n12345")
-        await conn.writer.drain()
-        conn.writer.close()
+    short = sends(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n12345", then_close=True)
 
-    async def scenario() -> None:
-        async with Upstream(short) as up:
-            pool = up.pool()
-            resp = await get(pool)
-            got = bytearray()
+    async def scenario(up: Upstream, pool: ConnectionPool) -> None:
+        resp = await get(pool)
+        got = bytearray()
 
-            async def drain() -> None:
-                async for chunk in resp.chunks():
-                    got.extend(chunk)
+        async def drain() -> None:
+            async for chunk in resp.chunks():
+                got.extend(chunk)
 
-            with pytest.raises(UpstreamDisconnected, match=DISCONNECTED):
-                await drain()
-            resp.release()
-            assert got == b"12345"
-            assert (pool.open_connections, pool.idle_connections) == (0, 0)
+        with pytest.raises(UpstreamDisconnected, match=DISCONNECTED):
+            await drain()
+        resp.release()
+        assert got == b"12345"
+        assert (pool.open_connections, pool.idle_connections) == (0, 0)
 
-    run(loop, scenario)
+    run_against(loop, short, scenario)
 
 
 @both_loops
 def test_an_answer_until_close_is_complete_at_close(loop: str) -> None:
-    async def http10(conn: Conn, _h: bytes, _b: bytes) -> None:
-        conn.writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it")
-        await conn.writer.drain()
-        conn.writer.close()
+    http10 = sends(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it", then_close=True)
 
-    async def scenario() -> None:
-        async with Upstream(http10) as up:
-            pool = up.pool()
-            assert await body_of(await get(pool)) == b"all of it"
-            assert pool.open_connections == 0
+    async def scenario(up: Upstream, pool: ConnectionPool) -> None:
+        assert await body_of(await get(pool)) == b"all of it"
+        assert pool.open_connections == 0
 
-    run(loop, scenario)
+    run_against(loop, http10, scenario)
 
 
 @both_loops
@@ -308,19 +328,17 @@ def test_informational_answers_are_skipped_and_an_unasked_switch_is_refused(loop
             conn.writer.write(b"HTTP/1.1 102 Processing\r\n\r\n" + OK)
         await conn.writer.drain()
 
-    async def scenario() -> None:
-        async with Upstream(reply) as up:
-            pool = up.pool()
-            resp = await get(pool)
-            assert resp.status == 200
-            assert "X-Early" not in resp.headers  # the 100's headers are not the answer's
-            assert resp.headers["Content-Type"] == "application/json"
-            assert await body_of(resp) == b"{}"
-            with pytest.raises(UpstreamProtocolError):
-                await get(pool, "/switch")
-            assert pool.open_connections == 0  # the switched connection is gone
+    async def scenario(up: Upstream, pool: ConnectionPool) -> None:
+        resp = await get(pool)
+        assert resp.status == 200
+        assert "X-Early" not in resp.headers  # the 100's headers are not the answer's
+        assert resp.headers["Content-Type"] == "application/json"
+        assert await body_of(resp) == b"{}"
+        with pytest.raises(UpstreamProtocolError):
+            await get(pool, "/switch")
+        assert pool.open_connections == 0  # the switched connection is gone
 
-    run(loop, scenario)
+    run_against(loop, reply, scenario)
 
 
 @pytest.mark.parametrize(
@@ -334,37 +352,23 @@ def test_informational_answers_are_skipped_and_an_unasked_switch_is_refused(loop
     ],
 )
 def test_unparsable_answers_are_protocol_errors(answer: bytes) -> None:
-    async def reply(conn: Conn, _h: bytes, _b: bytes) -> None:
-        conn.writer.write(answer)
-        await conn.writer.drain()
+    async def scenario(up: Upstream, pool: ConnectionPool) -> None:
+        with pytest.raises(UpstreamProtocolError, match=r"^unparsable answer \(HttpParser\w*\)$"):
+            await body_of(await get(pool))
+        assert pool.idle_connections == 0
 
-    async def scenario() -> None:
-        async with Upstream(reply) as up:
-            pool = up.pool()
-            with pytest.raises(
-                UpstreamProtocolError, match=r"^unparsable answer \(HttpParser\w*\)$"
-            ):
-                await body_of(await get(pool))
-            assert pool.idle_connections == 0
-
-    run("uvloop", scenario)
+    run_against("uvloop", sends(answer), scenario)
 
 
 def test_a_second_answer_nobody_asked_for_retires_the_connection() -> None:
-    async def twice(conn: Conn, _h: bytes, _b: bytes) -> None:
-        conn.writer.write(OK + OK)
-        await conn.writer.drain()
+    async def scenario(up: Upstream, pool: ConnectionPool) -> None:
+        resp = await get(pool)
+        assert await resp.read(100) == b"{}"
+        resp.release()
+        assert await body_of(await get(pool)) == b"{}"
+        assert len(up.conns) == 2  # the first connection was not reused
 
-    async def scenario() -> None:
-        async with Upstream(twice) as up:
-            pool = up.pool()
-            resp = await get(pool)
-            assert await resp.read(100) == b"{}"
-            resp.release()
-            assert await body_of(await get(pool)) == b"{}"
-            assert len(up.conns) == 2  # the first connection was not reused
-
-    run("uvloop", scenario)
+    run_against("uvloop", sends(OK + OK), scenario)
 
 
 @both_loops
@@ -375,14 +379,12 @@ def test_head_answers_end_with_their_head(loop: str) -> None:
             conn.writer.write(b"hello")
         await conn.writer.drain()
 
-    async def scenario() -> None:
-        async with Upstream(reply) as up:
-            pool = up.pool()
-            resp = await pool.request("HEAD", "/api", [], None, read_timeout=5)
-            assert (resp.status, resp.content_length, await body_of(resp)) == (200, 5, b"")
-            assert await body_of(await get(pool)) == b"hello"
+    async def scenario(up: Upstream, pool: ConnectionPool) -> None:
+        resp = await pool.request("HEAD", "/api", [], None, read_timeout=5)
+        assert (resp.status, resp.content_length, await body_of(resp)) == (200, 5, b"")
+        assert await body_of(await get(pool)) == b"hello"
 
-    run(loop, scenario)
+    run_against(loop, reply, scenario)
 
 
 # -- the pool --------------------------------------------------------------------------------------
@@ -392,78 +394,65 @@ def test_head_answers_end_with_their_head(loop: str) -> None:
 def test_a_reused_connection_closed_under_a_get_is_retried_once_but_a_post_is_not(
     loop: str,
 ) -> None:
-    async def close_second(conn: Conn, _h: bytes, _b: bytes) -> None:
-        if conn.requests == 2:  # as an upstream whose idle timeout fired just as we wrote
-            conn.writer.transport.abort()
-            return
-        await ok(conn, _h, _b)
+    async def scenario(up: Upstream, pool: ConnectionPool) -> None:
+        assert await body_of(await get(pool)) == b"{}"
+        assert await body_of(await get(pool)) == b"{}"  # retried on connection 1
+        assert [c.requests for c in up.conns] == [2, 1]
+        # The same on connection 1 for a POST: it may have been applied, so no retry.
+        with pytest.raises(UpstreamDisconnected):
+            await pool.request("POST", "/api/v1/x", [], b"{}", read_timeout=5)
+        assert [c.requests for c in up.conns] == [2, 2]
 
-    async def scenario() -> None:
-        async with Upstream(close_second) as up:
-            pool = up.pool()
-            assert await body_of(await get(pool)) == b"{}"
-            assert await body_of(await get(pool)) == b"{}"  # retried on connection 1
-            assert [c.requests for c in up.conns] == [2, 1]
-            # The same on connection 1 for a POST: it may have been applied, so no retry.
-            with pytest.raises(UpstreamDisconnected):
-                await pool.request("POST", "/api/v1/x", [], b"{}", read_timeout=5)
-            assert [c.requests for c in up.conns] == [2, 2]
-
-    run(loop, scenario)
+    run_against(loop, close_second, scenario)
 
 
 def test_a_fresh_connection_that_fails_is_not_retried() -> None:
     async def close(conn: Conn, _h: bytes, _b: bytes) -> None:
         conn.writer.transport.abort()
 
-    async def scenario() -> None:
-        async with Upstream(close) as up:
-            with pytest.raises(UpstreamDisconnected, match=DISCONNECTED):
-                await get(up.pool())
-            assert len(up.conns) == 1
+    async def scenario(up: Upstream, pool: ConnectionPool) -> None:
+        with pytest.raises(UpstreamDisconnected, match=DISCONNECTED):
+            await get(pool)
+        assert len(up.conns) == 1
 
-    run("uvloop", scenario)
+    run_against("uvloop", close, scenario)
 
 
 @both_loops
 def test_the_limit_bounds_connections_and_waiters_are_served_in_turn(loop: str) -> None:
-    async def scenario() -> None:
-        async with Upstream(ok) as up:
-            pool = up.pool(limit=2)
-            held = [await get(pool), await get(pool)]
-            third = asyncio.ensure_future(get(pool))
-            fourth = asyncio.ensure_future(get(pool))
-            await asyncio.sleep(0)
-            assert not third.done()
-            assert pool.open_connections == 2
-            assert await body_of(held[0]) == b"{}"
-            resp3 = await third
-            assert not fourth.done()
-            held[1].release()  # body unread: this connection is closed, its slot freed
-            resp4 = await fourth
-            assert pool.open_connections == 2
-            for r in (resp3, resp4):
-                await body_of(r)
-            assert len(up.conns) == 3
-            await pool.close()
+    async def scenario(up: Upstream, pool: ConnectionPool) -> None:
+        held = [await get(pool), await get(pool)]
+        third = asyncio.ensure_future(get(pool))
+        fourth = asyncio.ensure_future(get(pool))
+        await asyncio.sleep(0)
+        assert not third.done()
+        assert pool.open_connections == 2
+        assert await body_of(held[0]) == b"{}"
+        resp3 = await third
+        assert not fourth.done()
+        held[1].release()  # body unread: this connection is closed, its slot freed
+        resp4 = await fourth
+        assert pool.open_connections == 2
+        for r in (resp3, resp4):
+            await body_of(r)
+        assert len(up.conns) == 3
+        await pool.close()
 
-    run(loop, scenario)
+    run_against(loop, ok, scenario, limit=2)
 
 
 def test_a_cancelled_waiter_passes_its_turn_on() -> None:
-    async def scenario() -> None:
-        async with Upstream(ok) as up:
-            pool = up.pool(limit=1)
-            held = await get(pool)
-            cancelled = asyncio.ensure_future(get(pool))
-            waiting = asyncio.ensure_future(get(pool))
-            await asyncio.sleep(0)
-            cancelled.cancel()
-            await body_of(held)
-            assert await body_of(await waiting) == b"{}"
-            assert cancelled.cancelled()
+    async def scenario(up: Upstream, pool: ConnectionPool) -> None:
+        held = await get(pool)
+        cancelled = asyncio.ensure_future(get(pool))
+        waiting = asyncio.ensure_future(get(pool))
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        await body_of(held)
+        assert await body_of(await waiting) == b"{}"
+        assert cancelled.cancelled()
 
-    run("uvloop", scenario)
+    run_against("uvloop", ok, scenario, limit=1)
 
 
 @both_loops
@@ -471,40 +460,36 @@ def test_waiters_keep_their_turn_when_one_ahead_gives_up(loop: str) -> None:
     """First come, first served: one that gives up before its turn moves nobody back, and one
     that gives up just as it was handed the slot hands it on."""
 
-    async def scenario() -> None:
-        async with Upstream(ok) as up:
-            pool = up.pool(limit=1)
-            held = await get(pool)
-            a, b, c = (asyncio.ensure_future(get(pool)) for _ in range(3))
-            await asyncio.sleep(0)
-            a.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await a  # gone from the queue before anyone is served
-            assert await held.read(100) == b"{}"
-            held.release()
-            done, _ = await asyncio.wait({b, c}, return_when=asyncio.FIRST_COMPLETED)
-            assert done == {b}  # b came before c
-            d = asyncio.ensure_future(get(pool))
-            await asyncio.sleep(0)
-            assert await body_of(b.result()) == b"{}"  # the slot goes to c...
-            c.cancel()  # ...which gives up before it could take it: on to d
-            assert await body_of(await d) == b"{}"
-            assert c.cancelled()
-            assert len(up.conns) == 1
+    async def scenario(up: Upstream, pool: ConnectionPool) -> None:
+        held = await get(pool)
+        a, b, c = (asyncio.ensure_future(get(pool)) for _ in range(3))
+        await asyncio.sleep(0)
+        a.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await a  # gone from the queue before anyone is served
+        assert await held.read(100) == b"{}"
+        held.release()
+        done, _ = await asyncio.wait({b, c}, return_when=asyncio.FIRST_COMPLETED)
+        assert done == {b}  # b came before c
+        d = asyncio.ensure_future(get(pool))
+        await asyncio.sleep(0)
+        assert await body_of(b.result()) == b"{}"  # the slot goes to c...
+        c.cancel()  # ...which gives up before it could take it: on to d
+        assert await body_of(await d) == b"{}"
+        assert c.cancelled()
+        assert len(up.conns) == 1
 
-    run(loop, scenario)
+    run_against(loop, ok, scenario, limit=1)
 
 
 def test_idle_connections_are_closed_after_the_keepalive_timeout() -> None:
-    async def scenario() -> None:
-        async with Upstream(ok) as up:
-            pool = up.pool(keepalive_timeout=0.05)
-            await body_of(await get(pool))
-            assert pool.idle_connections == 1
-            assert await up.closed.get() == 0  # the server sees our close
-            assert (pool.idle_connections, pool.open_connections) == (0, 0)
+    async def scenario(up: Upstream, pool: ConnectionPool) -> None:
+        await body_of(await get(pool))
+        assert pool.idle_connections == 1
+        assert await up.closed.get() == 0  # the server sees our close
+        assert (pool.idle_connections, pool.open_connections) == (0, 0)
 
-    run("uvloop", scenario)
+    run_against("uvloop", ok, scenario, keepalive_timeout=0.05)
 
 
 @both_loops
@@ -521,34 +506,28 @@ def test_a_reader_that_stops_stops_the_upstream_and_the_bytes_arrive_intact(loop
             blocked.set()  # our reader paused: the server could not hand over everything
             await conn.writer.drain()
 
-    async def scenario() -> None:
-        # Plain TCP: a TLS server's drain() does not see the kernel's buffers fill up.
-        async with Upstream(big, tls=False) as up:
-            pool = up.pool()
-            resp = await get(pool)
-            await asyncio.wait_for(blocked.wait(), 10)
-            assert await body_of(resp) == payload
+    async def scenario(up: Upstream, pool: ConnectionPool) -> None:
+        resp = await get(pool)
+        await asyncio.wait_for(blocked.wait(), 10)
+        assert await body_of(resp) == payload
 
-    run(loop, scenario)
+    # Plain TCP: a TLS server's drain() does not see the kernel's buffers fill up.
+    run_against(loop, big, scenario, tls=False)
 
 
 def test_no_byte_within_the_read_timeout_is_a_timeout() -> None:
-    async def stall(conn: Conn, _h: bytes, _b: bytes) -> None:
-        conn.writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab")
-        await conn.writer.drain()
+    stall = sends(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab")
 
-    async def scenario() -> None:
-        async with Upstream(stall) as up:
-            pool = up.pool()
-            resp = await pool.request("GET", "/api", [], None, read_timeout=0.2)
-            with pytest.raises(TimeoutError):
-                await resp.read(100)
-            # Dropped at the timeout, not when the caller gets round to releasing the answer.
-            assert await asyncio.wait_for(up.closed.get(), 10) == 0
-            resp.release()
-            assert pool.open_connections == 0
+    async def scenario(up: Upstream, pool: ConnectionPool) -> None:
+        resp = await pool.request("GET", "/api", [], None, read_timeout=0.2)
+        with pytest.raises(TimeoutError):
+            await resp.read(100)
+        # Dropped at the timeout, not when the caller gets round to releasing the answer.
+        assert await asyncio.wait_for(up.closed.get(), 10) == 0
+        resp.release()
+        assert pool.open_connections == 0
 
-    run("uvloop", scenario)
+    run_against("uvloop", stall, scenario)
 
 
 @pytest.mark.parametrize("server_hostname", [None, "localhost"])
@@ -637,19 +616,17 @@ def test_connection_close_and_bodiless_answers_decide_reuse(loop: str) -> None:
             conn.writer.write(OK)
         await conn.writer.drain()
 
-    async def scenario() -> None:
-        async with Upstream(reply) as up:
-            pool = up.pool()
-            for target in ("/204", "/304", "/ok"):  # no length needed: one connection for all
-                await body_of(await get(pool, target))
-            assert (len(up.conns), pool.idle_connections) == (1, 1)
-            assert await body_of(await get(pool, "/close")) == b"{}"
-            assert (pool.open_connections, pool.idle_connections) == (0, 0)
-            assert await up.closed.get() == 0  # the upstream said close: the connection is gone
-            await body_of(await get(pool, "/ok"))
-            assert len(up.conns) == 2
+    async def scenario(up: Upstream, pool: ConnectionPool) -> None:
+        for target in ("/204", "/304", "/ok"):  # no length needed: one connection for all
+            await body_of(await get(pool, target))
+        assert (len(up.conns), pool.idle_connections) == (1, 1)
+        assert await body_of(await get(pool, "/close")) == b"{}"
+        assert (pool.open_connections, pool.idle_connections) == (0, 0)
+        assert await up.closed.get() == 0  # the upstream said close: the connection is gone
+        await body_of(await get(pool, "/ok"))
+        assert len(up.conns) == 2
 
-    run(loop, scenario)
+    run_against(loop, reply, scenario)
 
 
 # -- what the first full mutation run found untested (issue 26) ------------------------------------
@@ -673,46 +650,42 @@ def lost(conn: _Connection) -> asyncio.Future[None]:
 
 @both_loops
 def test_a_body_of_exactly_the_limit_is_read_and_one_byte_more_is_refused(loop: str) -> None:
-    async def scenario() -> None:
-        async with Upstream(ok) as up:
-            pool = up.pool()
-            resp = await get(pool)
-            assert await resp.read(2) == b"{}"
-            resp.release()
-            resp = await get(pool)
-            with pytest.raises(UpstreamProtocolError, match=r"^answer body longer than 1 bytes$"):
-                await resp.read(1)
-            resp.release()
-            assert await body_of(await get(pool)) == b"{}"
+    async def scenario(up: Upstream, pool: ConnectionPool) -> None:
+        resp = await get(pool)
+        assert await resp.read(2) == b"{}"
+        resp.release()
+        resp = await get(pool)
+        with pytest.raises(UpstreamProtocolError, match=r"^answer body longer than 1 bytes$"):
+            await resp.read(1)
+        resp.release()
+        assert await body_of(await get(pool)) == b"{}"
 
-    run(loop, scenario)
+    run_against(loop, ok, scenario)
 
 
 @both_loops
 def test_a_closed_pool_closes_its_connections_refuses_requests_and_keeps_nothing(
     loop: str,
 ) -> None:
-    async def scenario() -> None:
-        async with Upstream(ok) as up:
-            pool = up.pool()
-            first, other = await get(pool), await get(pool)
-            await body_of(first)  # its connection goes idle; `other`'s stays busy
-            idle = pool._idle[0]
-            assert (pool.open_connections, pool.idle_connections) == (2, 1)
-            gone = lost(idle)
-            await pool.close()
-            assert (pool.open_connections, pool.idle_connections) == (0, 0)
-            await gone
-            assert sorted([await up.closed.get(), await up.closed.get()]) == [0, 1]
-            # An answer that outlives its pool does not put its connection back.
-            assert await other.read(100) == b"{}"  # it had come in before the close
-            other.release()
-            assert (pool.open_connections, pool.idle_connections) == (0, 0)
-            with pytest.raises(UpstreamConnectError, match=POOL_CLOSED):
-                await get(pool)
-            assert len(up.conns) == 2  # nothing new was opened
+    async def scenario(up: Upstream, pool: ConnectionPool) -> None:
+        first, other = await get(pool), await get(pool)
+        await body_of(first)  # its connection goes idle; `other`'s stays busy
+        idle = pool._idle[0]
+        assert (pool.open_connections, pool.idle_connections) == (2, 1)
+        gone = lost(idle)
+        await pool.close()
+        assert (pool.open_connections, pool.idle_connections) == (0, 0)
+        await gone
+        assert sorted([await up.closed.get(), await up.closed.get()]) == [0, 1]
+        # An answer that outlives its pool does not put its connection back.
+        assert await other.read(100) == b"{}"  # it had come in before the close
+        other.release()
+        assert (pool.open_connections, pool.idle_connections) == (0, 0)
+        with pytest.raises(UpstreamConnectError, match=POOL_CLOSED):
+            await get(pool)
+        assert len(up.conns) == 2  # nothing new was opened
 
-    run(loop, scenario)
+    run_against(loop, ok, scenario)
 
 
 @both_loops
@@ -723,22 +696,20 @@ def test_a_request_waiting_for_a_slot_when_the_pool_closes_is_refused(
     """Also when a released connection had just handed it the slot: a closed pool (shutdown, or
     the upstream configuration replaced) opens no connection afterwards."""
 
-    async def scenario() -> None:
-        async with Upstream(ok) as up:
-            pool = up.pool(limit=1)
-            held = await get(pool)
-            waiter = asyncio.ensure_future(get(pool))
-            await asyncio.sleep(0)
-            assert not waiter.done()
-            if woken:
-                assert await held.read(100) == b"{}"
-                held.release()  # idle now, and the waiter is told it may go
-            await pool.close()
-            with pytest.raises(UpstreamConnectError, match=POOL_CLOSED):
-                await waiter
-            assert (len(up.conns), pool.open_connections) == (1, 0)
+    async def scenario(up: Upstream, pool: ConnectionPool) -> None:
+        held = await get(pool)
+        waiter = asyncio.ensure_future(get(pool))
+        await asyncio.sleep(0)
+        assert not waiter.done()
+        if woken:
+            assert await held.read(100) == b"{}"
+            held.release()  # idle now, and the waiter is told it may go
+        await pool.close()
+        with pytest.raises(UpstreamConnectError, match=POOL_CLOSED):
+            await waiter
+        assert (len(up.conns), pool.open_connections) == (1, 0)
 
-    run(loop, scenario)
+    run_against(loop, ok, scenario, limit=1)
 
 
 @both_loops
@@ -757,18 +728,16 @@ def test_bytes_on_an_idle_connection_retire_it_before_they_can_answer_the_next_r
             conn.writer.write(smuggled)
             await conn.writer.drain()
 
-    async def scenario() -> None:
-        async with Upstream(reply) as up:
-            pool = up.pool()
-            await body_of(await get(pool))
-            assert pool.idle_connections == 1
-            released.set()
-            assert await asyncio.wait_for(up.closed.get(), 10) == 0  # we hung up on it
-            assert await body_of(await get(pool)) == b"{}"
-            assert len(up.conns) == 2
-            assert (pool.open_connections, pool.idle_connections) == (1, 1)
+    async def scenario(up: Upstream, pool: ConnectionPool) -> None:
+        await body_of(await get(pool))
+        assert pool.idle_connections == 1
+        released.set()
+        assert await asyncio.wait_for(up.closed.get(), 10) == 0  # we hung up on it
+        assert await body_of(await get(pool)) == b"{}"
+        assert len(up.conns) == 2
+        assert (pool.open_connections, pool.idle_connections) == (1, 1)
 
-    run(loop, scenario)
+    run_against(loop, reply, scenario)
 
 
 class _FakeTransport(asyncio.Transport):
@@ -881,21 +850,19 @@ def test_releasing_an_answer_twice_does_not_hand_its_connection_out_again(loop: 
     """The second release comes after the connection went to another request: it must not go back
     to the pool under that request, where a third would be written onto it."""
 
-    async def scenario() -> None:
-        async with Upstream(ok) as up:
-            pool = up.pool()
-            first = await get(pool)
-            assert await first.read(100) == b"{}"
-            first.release()
-            second = await get(pool)  # the same connection
-            first.release()
-            third = await get(pool)
-            assert [c.requests for c in up.conns] == [2, 1]
-            for resp in (second, third):
-                assert await body_of(resp) == b"{}"
-            assert (pool.open_connections, pool.idle_connections) == (2, 2)
+    async def scenario(up: Upstream, pool: ConnectionPool) -> None:
+        first = await get(pool)
+        assert await first.read(100) == b"{}"
+        first.release()
+        second = await get(pool)  # the same connection
+        first.release()
+        third = await get(pool)
+        assert [c.requests for c in up.conns] == [2, 1]
+        for resp in (second, third):
+            assert await body_of(resp) == b"{}"
+        assert (pool.open_connections, pool.idle_connections) == (2, 2)
 
-    run(loop, scenario)
+    run_against(loop, ok, scenario)
 
 
 @both_loops
@@ -915,25 +882,23 @@ def test_a_body_cut_short_while_the_reader_is_busy_is_an_error_when_it_asks_agai
         await away.wait()
         conn.writer.transport.abort()
 
-    async def scenario() -> None:
-        async with Upstream(reply) as up:
-            pool = up.pool()
-            resp = await pool.request("GET", "/api", [], None, read_timeout=None)
-            body = resp.chunks()
-            first = asyncio.ensure_future(anext(body))
-            await asyncio.sleep(0)  # the reader now waits for the body
-            assert not first.done()
-            go.set()
-            assert await first == b"12345"
-            gone = lost(resp._conn)
-            away.set()
-            await gone  # the connection went while nobody was reading
-            with pytest.raises(UpstreamDisconnected):
-                await anext(body)
-            resp.release()
-            assert pool.open_connections == 0
+    async def scenario(up: Upstream, pool: ConnectionPool) -> None:
+        resp = await pool.request("GET", "/api", [], None, read_timeout=None)
+        body = resp.chunks()
+        first = asyncio.ensure_future(anext(body))
+        await asyncio.sleep(0)  # the reader now waits for the body
+        assert not first.done()
+        go.set()
+        assert await first == b"12345"
+        gone = lost(resp._conn)
+        away.set()
+        await gone  # the connection went while nobody was reading
+        with pytest.raises(UpstreamDisconnected):
+            await anext(body)
+        resp.release()
+        assert pool.open_connections == 0
 
-    run(loop, scenario)
+    run_against(loop, reply, scenario)
 
 
 @pytest.mark.parametrize(
@@ -950,39 +915,30 @@ def test_a_body_cut_short_while_the_reader_is_busy_is_an_error_when_it_asks_agai
     ],
 )
 def test_a_protocol_switch_nobody_asked_for_is_refused(answer: bytes, message: str) -> None:
-    async def reply(conn: Conn, _h: bytes, _b: bytes) -> None:
-        conn.writer.write(answer)
-        await conn.writer.drain()
+    async def scenario(up: Upstream, pool: ConnectionPool) -> None:
+        with pytest.raises(UpstreamProtocolError, match=message):
+            await get(pool)
+        assert pool.open_connections == 0
+        assert await asyncio.wait_for(up.closed.get(), 10) == 0
 
-    async def scenario() -> None:
-        async with Upstream(reply) as up:
-            pool = up.pool()
-            with pytest.raises(UpstreamProtocolError, match=message):
-                await get(pool)
-            assert pool.open_connections == 0
-            assert await asyncio.wait_for(up.closed.get(), 10) == 0
-
-    run("uvloop", scenario)
+    run_against("uvloop", sends(answer), scenario)
 
 
 @both_loops
 def test_answer_header_bytes_that_are_not_utf8_pass_through_unchanged(loop: str) -> None:
-    async def reply(conn: Conn, _h: bytes, _b: bytes) -> None:
-        conn.writer.write(
-            b"HTTP/1.1 200 Caf\xe9\r\nX-Latin: caf\xe9\r\nTransfer-Encoding: chunked\r\n\r\n"
-            b"2\r\n{}\r\n0\r\n\r\n"
-        )
-        await conn.writer.drain()
+    reply = sends(
+        b"HTTP/1.1 200 Caf\xe9\r\nX-Latin: caf\xe9\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\n{}\r\n0\r\n\r\n"
+    )
 
-    async def scenario() -> None:
-        async with Upstream(reply) as up:
-            resp = await get(up.pool())
-            assert resp.headers["X-Latin"].encode("utf-8", "surrogateescape") == b"caf\xe9"
-            assert resp.reason.encode("utf-8", "surrogateescape") == b"Caf\xe9"
-            assert resp.content_length is None  # chunked: no length to announce
-            assert await body_of(resp) == b"{}"
+    async def scenario(up: Upstream, pool: ConnectionPool) -> None:
+        resp = await get(pool)
+        assert resp.headers["X-Latin"].encode("utf-8", "surrogateescape") == b"caf\xe9"
+        assert resp.reason.encode("utf-8", "surrogateescape") == b"Caf\xe9"
+        assert resp.content_length is None  # chunked: no length to announce
+        assert await body_of(resp) == b"{}"
 
-    run(loop, scenario)
+    run_against(loop, reply, scenario)
 
 
 @both_loops
@@ -1000,22 +956,20 @@ def test_the_pool_connects_to_the_address_its_url_names(loop: str) -> None:
 
 @both_loops
 def test_a_dead_idle_connection_is_skipped_for_the_next_live_one(loop: str) -> None:
-    async def scenario() -> None:
-        async with Upstream(ok) as up:
-            pool = up.pool()
-            first, second = await get(pool), await get(pool)
-            for resp in (first, second):
-                assert await body_of(resp) == b"{}"
-            assert pool.idle_connections == 2
-            top = pool._idle[-1]  # the warmest, which the next request would take
-            gone = lost(top)
-            up.conns[1].writer.transport.abort()  # the upstream drops it while it is idle
-            await gone
-            assert await body_of(await get(pool)) == b"{}"
-            assert [c.requests for c in up.conns] == [2, 1]  # the other idle one, no new one
-            assert (pool.open_connections, pool.idle_connections) == (1, 1)
+    async def scenario(up: Upstream, pool: ConnectionPool) -> None:
+        first, second = await get(pool), await get(pool)
+        for resp in (first, second):
+            assert await body_of(resp) == b"{}"
+        assert pool.idle_connections == 2
+        top = pool._idle[-1]  # the warmest, which the next request would take
+        gone = lost(top)
+        up.conns[1].writer.transport.abort()  # the upstream drops it while it is idle
+        await gone
+        assert await body_of(await get(pool)) == b"{}"
+        assert [c.requests for c in up.conns] == [2, 1]  # the other idle one, no new one
+        assert (pool.open_connections, pool.idle_connections) == (1, 1)
 
-    run(loop, scenario)
+    run_against(loop, ok, scenario)
 
 
 @both_loops
@@ -1023,19 +977,17 @@ def test_an_idle_connection_already_closing_is_not_used_even_for_a_post(loop: st
     """The transport may be closing (the upstream hung up) before connection_lost has told the
     pool; a POST cannot be retried, so it must not be written onto such a connection."""
 
-    async def scenario() -> None:
-        async with Upstream(ok) as up:
-            pool = up.pool()
-            assert await body_of(await get(pool)) == b"{}"
-            idle = pool._idle[-1]
-            assert idle.transport is not None
-            idle.transport.close()  # as the loop does at EOF, before connection_lost runs
-            resp = await pool.request("POST", "/api/v1/x", [], b"{}", read_timeout=10)
-            assert await body_of(resp) == b"{}"
-            assert [c.requests for c in up.conns] == [1, 1]
-            assert pool.open_connections == 1
+    async def scenario(up: Upstream, pool: ConnectionPool) -> None:
+        assert await body_of(await get(pool)) == b"{}"
+        idle = pool._idle[-1]
+        assert idle.transport is not None
+        idle.transport.close()  # as the loop does at EOF, before connection_lost runs
+        resp = await pool.request("POST", "/api/v1/x", [], b"{}", read_timeout=10)
+        assert await body_of(resp) == b"{}"
+        assert [c.requests for c in up.conns] == [1, 1]
+        assert pool.open_connections == 1
 
-    run(loop, scenario)
+    run_against(loop, ok, scenario)
 
 
 @both_loops
@@ -1045,17 +997,15 @@ def test_an_idle_connection_past_its_keepalive_is_closed_even_if_its_timer_is_la
     """A loop busy for longer than the keep-alive timeout runs the idle timer late: the next
     request still does not use a connection the upstream may be closing."""
 
-    async def scenario() -> None:
-        async with Upstream(ok) as up:
-            pool = up.pool(keepalive_timeout=30)
-            assert await body_of(await get(pool)) == b"{}"
-            pool._idle[-1].idle_since -= 31  # as if the loop had been stuck for 31 s
-            assert await body_of(await get(pool)) == b"{}"
-            assert [c.requests for c in up.conns] == [1, 1]
-            assert await asyncio.wait_for(up.closed.get(), 10) == 0
-            assert (pool.open_connections, pool.idle_connections) == (1, 1)
+    async def scenario(up: Upstream, pool: ConnectionPool) -> None:
+        assert await body_of(await get(pool)) == b"{}"
+        pool._idle[-1].idle_since -= 31  # as if the loop had been stuck for 31 s
+        assert await body_of(await get(pool)) == b"{}"
+        assert [c.requests for c in up.conns] == [1, 1]
+        assert await asyncio.wait_for(up.closed.get(), 10) == 0
+        assert (pool.open_connections, pool.idle_connections) == (1, 1)
 
-    run(loop, scenario)
+    run_against(loop, ok, scenario, keepalive_timeout=30)
 
 
 @both_loops
@@ -1084,27 +1034,23 @@ def test_a_fresh_connection_gone_before_the_request_is_written_fails_without_wri
 def test_retired_connections_are_not_kept_by_the_pool(loop: str) -> None:
     """A proxy that makes millions of upstream connections must not hold on to the dead ones."""
 
-    async def close(conn: Conn, _h: bytes, _b: bytes) -> None:
-        conn.writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}")
-        await conn.writer.drain()
+    close = sends(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}")
 
-    async def scenario() -> None:
-        async with Upstream(close) as up:
-            pool = up.pool()
-            refs = []
-            for _ in range(3):
-                resp = await get(pool)
-                conn = resp._conn
-                refs.append(weakref.ref(conn))
-                gone = lost(conn)
-                assert await body_of(resp) == b"{}"
-                await gone
-                del resp, conn, gone
-            gc.collect()
-            assert [r() for r in refs] == [None, None, None]
-            assert (pool.open_connections, len(up.conns)) == (0, 3)
+    async def scenario(up: Upstream, pool: ConnectionPool) -> None:
+        refs = []
+        for _ in range(3):
+            resp = await get(pool)
+            conn = resp._conn
+            refs.append(weakref.ref(conn))
+            gone = lost(conn)
+            assert await body_of(resp) == b"{}"
+            await gone
+            del resp, conn, gone
+        gc.collect()
+        assert [r() for r in refs] == [None, None, None]
+        assert (pool.open_connections, len(up.conns)) == (0, 3)
 
-    run(loop, scenario)
+    run_against(loop, close, scenario)
 
 
 @both_loops
@@ -1112,23 +1058,15 @@ def test_retired_connections_are_not_kept_by_the_pool(loop: str) -> None:
 def test_a_read_on_a_reused_connection_closed_under_it_is_retried_on_a_new_one(
     loop: str, method: str
 ) -> None:
-    async def close_second(conn: Conn, head: bytes, body: bytes) -> None:
-        if conn.requests == 2:  # as an upstream whose idle timeout fired just as we wrote
-            conn.writer.transport.abort()
-            return
-        await ok(conn, head, body)
+    async def scenario(up: Upstream, pool: ConnectionPool) -> None:
+        assert await body_of(await get(pool)) == b"{}"
+        resp = await pool.request(method, "/api/v1/pods", [], None, read_timeout=10)
+        assert resp.status == 200
+        assert await body_of(resp) == (b"{}" if method == "GET" else b"")
+        assert [c.requests for c in up.conns] == [2, 1]
+        assert pool.open_connections == (1 if method == "GET" else 0)  # HEAD: not reused
 
-    async def scenario() -> None:
-        async with Upstream(close_second) as up:
-            pool = up.pool()
-            assert await body_of(await get(pool)) == b"{}"
-            resp = await pool.request(method, "/api/v1/pods", [], None, read_timeout=10)
-            assert resp.status == 200
-            assert await body_of(resp) == (b"{}" if method == "GET" else b"")
-            assert [c.requests for c in up.conns] == [2, 1]
-            assert pool.open_connections == (1 if method == "GET" else 0)  # HEAD: not reused
-
-    run(loop, scenario)
+    run_against(loop, close_second, scenario)
 
 
 @both_loops
@@ -1142,18 +1080,16 @@ def test_a_get_is_retried_once_only(loop: str) -> None:
             return
         await ok(conn, head, body)
 
-    async def scenario() -> None:
-        async with Upstream(drop_reused) as up:
-            pool = up.pool()
-            first, second = await get(pool), await get(pool)
-            for resp in (first, second):
-                assert await body_of(resp) == b"{}"
-            with pytest.raises(UpstreamDisconnected, match=DISCONNECTED):
-                await get(pool)
-            assert [c.requests for c in up.conns] == [2, 2]  # both idle ones tried, no third
-            assert pool.open_connections == 0
+    async def scenario(up: Upstream, pool: ConnectionPool) -> None:
+        first, second = await get(pool), await get(pool)
+        for resp in (first, second):
+            assert await body_of(resp) == b"{}"
+        with pytest.raises(UpstreamDisconnected, match=DISCONNECTED):
+            await get(pool)
+        assert [c.requests for c in up.conns] == [2, 2]  # both idle ones tried, no third
+        assert pool.open_connections == 0
 
-    run(loop, scenario)
+    run_against(loop, drop_reused, scenario)
 
 
 @both_loops
@@ -1171,20 +1107,18 @@ def test_a_request_given_up_before_its_answer_leaves_no_answer_for_the_next(loop
             return
         await ok(conn, head, body)
 
-    async def scenario() -> None:
-        async with Upstream(slow_first) as up:
-            pool = up.pool()
-            assert await body_of(await get(pool)) == b"{}"  # one idle connection to reuse
-            asking = asyncio.ensure_future(get(pool, "/slow"))
-            await asked.wait()  # the upstream has the request
-            asking.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await asking
-            late.set()
-            assert await body_of(await get(pool)) == b"{}"
-            assert len(up.conns) == 2
+    async def scenario(up: Upstream, pool: ConnectionPool) -> None:
+        assert await body_of(await get(pool)) == b"{}"  # one idle connection to reuse
+        asking = asyncio.ensure_future(get(pool, "/slow"))
+        await asked.wait()  # the upstream has the request
+        asking.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asking
+        late.set()
+        assert await body_of(await get(pool)) == b"{}"
+        assert len(up.conns) == 2
 
-    run(loop, scenario)
+    run_against(loop, slow_first, scenario)
 
 
 def test_a_connection_is_closed_if_the_upstream_speaks_first_or_goes_before_a_request() -> None:
