@@ -55,6 +55,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from apiproxy import __version__, pki, tokens
+from tests.proxy.data import POLICY as POLICY  # also bench.filtering's
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -62,20 +63,6 @@ CLUSTER_UUID = "11111111-1111-4111-8111-111111111111"  # the proxy's cluster: th
 PEER_UUID = "aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa"
 PEER_NAME = "bench-peer"
 SMALL_PATH = "/api/v1/namespaces/small/pods/small-0"  # the readiness check of every hop
-POLICY = """\
-apiVersion: apiproxy/v1
-kind: AccessPolicy
-rules:
-- name: discovery
-  peers: ["*"]
-  apiGroups: ["", discovery.k8s.io]
-  resources: [pods, endpoints, services, namespaces, nodes, endpointslices]
-  verbs: [get, list, watch]
-- name: version
-  peers: ["*"]
-  nonResourceURLs: [/version, /api, /api/*, /apis, /apis/*]
-  verbs: [get]
-"""
 
 
 def say(msg: str) -> None:

@@ -20,25 +20,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from apiproxy import pki, tokens, upstream
 from apiproxy.server import ProxyServer, ServeConfig
 from apiproxy_dev.sim import SimAPIServer
+from tests.proxy.data import POLICY as POLICY  # test_upgrade, test_workers import it here
 
 OWN_UUID = "11111111-1111-4111-8111-111111111111"
 UUID_A = "aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa"
 UUID_B = "bbbbbbbb-bbbb-4bbb-8bbb-bbbbbbbbbbbb"
-
-POLICY = """\
-apiVersion: apiproxy/v1
-kind: AccessPolicy
-rules:
-- name: discovery
-  peers: ["*"]
-  apiGroups: ["", discovery.k8s.io]
-  resources: [pods, endpoints, services, namespaces, nodes, endpointslices]
-  verbs: [get, list, watch]
-- name: version
-  peers: ["*"]
-  nonResourceURLs: [/version, /api, /api/*, /apis, /apis/*]
-  verbs: [get]
-"""
 
 POLICY_NO_ENDPOINTS = POLICY.replace("endpoints, ", "")
 
