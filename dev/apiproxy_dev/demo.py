@@ -63,10 +63,12 @@ from apiproxy.server import ProxyServer, ServeConfig
 from apiproxy_dev.demo_kit import (
     APIPROXY_NAMESPACE,
     CLUSTER_DOMAIN,
+    INDENT,
     ISTIO_NAMESPACE,
     PRIVATE_NAMESPACE,
     DeadlineExceeded,
     Informer,
+    Narrator,
     SecretVolume,
     SimCluster,
     reserve_loopback_port,
@@ -78,7 +80,6 @@ IMC = ("deckhouse.io", "v1alpha1", "istiomulticlusters")
 PEERS_SECRET = "apiproxy-peers"  # noqa: S105 - a name
 DEFAULT_POLICY = shipped_policy("istio-remote.yaml")
 WAIT = 20.0  # seconds: the longest any single step waits for an event
-INDENT = "      "
 COMPONENTS_LOG = "components.log"
 LOG_TAIL = 20  # lines of the components' log shown when a step fails
 
@@ -125,34 +126,6 @@ _LiteralDumper.add_representer(str, _str_presenter)
 
 def literal_yaml(doc: Any) -> str:
     return yaml.dump(doc, Dumper=_LiteralDumper, sort_keys=True)
-
-
-# ---------------------------------------------------------------------- narration
-
-
-class Narrator:
-    """Numbered step lines on `out`, each with its facts and how long it took."""
-
-    def __init__(self, out: TextIO) -> None:
-        self.out = out
-        self.step = 0
-        self._started = time.perf_counter()
-
-    def line(self, text: str = "") -> None:
-        print(text, file=self.out, flush=True)
-
-    def begin(self, title: str) -> None:
-        self.step += 1
-        self._started = time.perf_counter()
-        self.line()
-        self.line(f"[{self.step}/{TOTAL_STEPS}] {title}")
-
-    def say(self, text: str) -> None:
-        for line in text.splitlines():
-            self.line(INDENT + line)
-
-    def done(self) -> None:
-        self.line(f"{INDENT}ok ({(time.perf_counter() - self._started) * 1000:.0f} ms)")
 
 
 # ---------------------------------------------------------------------- the two sides
@@ -260,7 +233,7 @@ class Options:
 class Demo:
     def __init__(self, options: Options, out: TextIO) -> None:
         self.opts = options
-        self.say = Narrator(out)
+        self.say = Narrator(out, TOTAL_STEPS)
         self.tmp = Path(tempfile.mkdtemp(prefix="apiproxy-demo-"))
         self.a: Side | None = None
         self.b: Side | None = None

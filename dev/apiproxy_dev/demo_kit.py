@@ -1,5 +1,6 @@
 """Stand-ins `apiproxy demo` needs around the product: a simulated cluster as Istio leaves it, the
-kubelet's projection of a Secret into files, and a client-go-style informer.
+kubelet's projection of a Secret into files, and a client-go-style informer; and the narrator both
+demos tell their story with (this one and `scripts/demo --real`, tests/istiod/demo.py).
 
 None of this is deployed; it plays the parts a real cluster plays (kube-apiserver, kubelet, a remote
 istiod) so the demo can run on one machine, on loopback only.
@@ -20,7 +21,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import yaml
 from kubernetes_asyncio import config as kconfig
@@ -432,3 +433,39 @@ class Informer:
         except BaseException as exc:
             self.failure = exc
             self.changed.notify()
+
+
+# ---------------------------------------------------------------------- narration
+
+INDENT = "      "  # a step's facts, under its numbered title
+
+
+class Narrator:
+    """Numbered step lines on `out`, each with its facts and how long it took: in milliseconds,
+    or in seconds (`seconds=True`) for steps that take that long."""
+
+    def __init__(self, out: TextIO, total_steps: int, *, seconds: bool = False) -> None:
+        self.out = out
+        self.total_steps = total_steps
+        self.seconds = seconds
+        self.step = 0
+        self._started = time.perf_counter()
+
+    def line(self, text: str = "") -> None:
+        print(text, file=self.out, flush=True)
+
+    def begin(self, title: str) -> None:
+        self.step += 1
+        self._started = time.perf_counter()
+        self.line()
+        self.line(f"[{self.step}/{self.total_steps}] {title}")
+
+    def say(self, text: str) -> None:
+        for line in text.splitlines():
+            self.line(INDENT + line)
+
+    def done(self) -> None:
+        took = time.perf_counter() - self._started
+        self.line(
+            f"{INDENT}ok ({took:.1f} s)" if self.seconds else f"{INDENT}ok ({took * 1000:.0f} ms)"
+        )

@@ -30,11 +30,11 @@ from typing import Any
 import yaml
 
 from apiproxy import pki
+from apiproxy_dev.demo_kit import Narrator
 from tests.istiod.mesh import ROOT, Side, start_clusters, wait_until
 from tests.real.cluster import KubeCluster
 
 TOTAL_STEPS = 8
-INDENT = "      "
 NS = "shop"
 HOST = f"web.{NS}.svc.cluster.local"
 WAIT = 120.0  # seconds: the longest one step waits for istiod
@@ -52,34 +52,15 @@ def fingerprint(pem: str) -> str:
     return ":".join(digest[i : i + 2] for i in range(0, 16, 2)) + "..."
 
 
-class Story:
+class Story(Narrator):
     def __init__(self, work: Path, out: Any = sys.stdout) -> None:
-        self.work, self.out = work, out
-        self.step = 0
+        super().__init__(out, TOTAL_STEPS, seconds=True)  # steps take seconds here, not ms
+        self.work = work
         self.started = time.monotonic()
-        self.step_started = self.started
         self.kubes: list[KubeCluster] = []
         self.sides: list[Side] = []
         self.ca = pki.make_ca("demo CA")
         self.ips: dict[str, set[str]] = {}
-
-    # -- narration ------------------------------------------------------------------------------
-
-    def line(self, text: str = "") -> None:
-        print(text, file=self.out, flush=True)
-
-    def begin(self, title: str) -> None:
-        self.step += 1
-        self.step_started = time.monotonic()
-        self.line()
-        self.line(f"[{self.step}/{TOTAL_STEPS}] {title}")
-
-    def say(self, text: str) -> None:
-        for line in text.splitlines():
-            self.line(INDENT + line)
-
-    def done(self) -> None:
-        self.line(f"{INDENT}ok ({time.monotonic() - self.step_started:.1f} s)")
 
     # -- the steps ------------------------------------------------------------------------------
 
