@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, unquote
 
+import msgspec
 import orjson
 from aiohttp import web
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -52,7 +53,7 @@ from apiproxy.forward import (
 from apiproxy.nsview import NamespaceChange, NamespaceView
 from apiproxy.policy import Decision
 from apiproxy.policy.visibility import Visibility
-from apiproxy.projection import projector
+from apiproxy.projection import Decoded, NotJSON, decoder
 from apiproxy.request import RequestInfo
 from apiproxy.upstream_client import UpstreamClientError
 
@@ -162,42 +163,52 @@ class ContinueSealer:
 
 @dataclass
 class ObjectFilter:
-    """Decides and projects one decoded object; counts what it withholds."""
+    """Decides and projects one object from its bytes; counts what it withholds."""
 
     resource: str
     visibility: Visibility | None
-    project: Callable[[dict[str, Any]], dict[str, Any]]
+    projection: str  # a name from apiproxy.projection ("" strips only)
     labels_of: Callable[[str], Any]
     hidden: int = 0
 
-    def visible(self, obj: dict[str, Any]) -> bool:
+    def __post_init__(self) -> None:
+        self._decode = decoder(self.projection)
+
+    def visible(self, obj: Decoded) -> bool:
+        if not obj.is_object:
+            return False
         vis = self.visibility
         if vis is None:
             return True
-        meta = obj.get("metadata")
-        if not isinstance(meta, dict):
-            return False
         if self.resource == "namespaces":
-            name = meta.get("name")
+            name = obj.member("name")
             if not isinstance(name, str):
                 return False
-            labels = meta.get("labels")
+            labels = obj.member("labels")
             return vis.sees(name, labels if isinstance(labels, dict) else {})
-        namespace = meta.get("namespace")
+        namespace = obj.member("namespace")
         if not isinstance(namespace, str) or not namespace:
             return False
         return vis.sees(namespace, self.labels_of(namespace))
 
-    def keep(self, obj: Any) -> dict[str, Any] | None:
-        if not isinstance(obj, dict) or not self.visible(obj):
+    def keep(self, data: bytes | memoryview | msgspec.Raw | None) -> bytes | None:
+        """The object's bytes as sent, or None when it is withheld (None: no object at all).
+        Raises NotJSON for bytes that are not one JSON value."""
+        if data is None:
             self.hidden += 1
             return None
-        return self.project(obj)
+        obj = self._decode(data)
+        if not self.visible(obj):
+            self.hidden += 1
+            return None
+        return obj.encode()
 
 
 # -- LIST: one item at a time --------------------------------------------------------------------
 
 _ITEMS = re.compile(rb'"items"\s*:\s*\[')
+_event = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_value = msgspec.json.Decoder()
 _FIRST_KEY = re.compile(rb'\{\s*"((?:[^"\\]|\\.)*)"\s*:')
 _WS_COMMA = re.compile(rb"[\s,]*")
 
@@ -210,7 +221,7 @@ class ListFilter:
     is read left to right, so a false candidate (a nested list of objects) only fails to decode.
     At most one item (and the bytes already received after it) is held at a time."""
 
-    def __init__(self, keep: Callable[[Any], dict[str, Any] | None], meta: Callable[[Any], None]):
+    def __init__(self, keep: Callable[[memoryview], bytes | None], meta: Callable[[Any], None]):
         self._keep = keep
         self._meta = meta
         self._buf = b""
@@ -303,17 +314,23 @@ class ListFilter:
                 if len(buf) - i > MAX_OBJECT_BYTES:
                     raise FilterError(f"list item larger than {MAX_OBJECT_BYTES} bytes")
                 return
-            obj, self._pos = end
+            kept, self._pos = end
             self._scan = self._pos
             self.items_in += 1
-            kept = self._keep(obj)
             if kept is not None:
                 if self._emitted:
                     out.append(b",")
-                out.append(orjson.dumps(kept))
+                out.append(kept)
                 self._emitted += 1
 
-    def _next_item_end(self, buf: bytes, start: int) -> tuple[Any, int] | None:
+    def _item(self, buf: bytes, start: int, end: int) -> tuple[bytes | None, int] | None:
+        """The item if buf[start:end] is one (it decodes), as sent or None when withheld."""
+        try:
+            return self._keep(memoryview(buf)[start:end]), end
+        except NotJSON:
+            return None
+
+    def _next_item_end(self, buf: bytes, start: int) -> tuple[bytes | None, int] | None:
         if self._compact:
             return self._next_compact_end(buf, start)
         assert self._sep is not None
@@ -326,12 +343,12 @@ class ListFilter:
                 # when more arrives: resume a little before the end.
                 self._scan = max(start, len(buf) - 256)
                 return None
-            try:
-                return orjson.loads(buf[start : m.end()]), m.end()
-            except orjson.JSONDecodeError:
-                pos = m.end()
+            item = self._item(buf, start, m.end())
+            if item is not None:
+                return item
+            pos = m.end()
 
-    def _next_compact_end(self, buf: bytes, start: int) -> tuple[Any, int] | None:
+    def _next_compact_end(self, buf: bytes, start: int) -> tuple[bytes | None, int] | None:
         """`_next_item_end` for compact JSON. While a `},{"<key>":` follows, it is the only
         candidate (the list's end cannot come before a next item); otherwise `}]` followed by
         `}` and the end of the body, or by `,"kind":` / `,"metadata":` / `,"apiVersion":`
@@ -343,11 +360,11 @@ class ListFilter:
         while True:
             a = find(literal, pos)
             if a >= 0:
-                try:
-                    return orjson.loads(buf[start : a + 1]), a + 1
-                except orjson.JSONDecodeError:
-                    pos = a + 1  # inside the item (a nested list of such objects)
-                    continue
+                item = self._item(buf, start, a + 1)
+                if item is not None:
+                    return item
+                pos = a + 1  # inside the item (a nested list of such objects)
+                continue
             b = find(b"}]", pos)
             if b < 0:
                 self._scan = max(start, n - len(literal))
@@ -364,10 +381,10 @@ class ListFilter:
                     continue
                 self._scan = b  # cut off at the end of the buffer: decide when more comes
                 return None
-            try:
-                return orjson.loads(buf[start : b + 1]), b + 1
-            except orjson.JSONDecodeError:
-                pos = b + 1
+            item = self._item(buf, start, b + 1)
+            if item is not None:
+                return item
+            pos = b + 1
 
     def close(self) -> bytes:
         if self._state != "tail":
@@ -393,7 +410,7 @@ class WatchFilter:
     """JSON watch events (one per line): BOOKMARK and ERROR pass as they are; ADDED, MODIFIED
     and DELETED go through the object filter and projection or are withheld."""
 
-    def __init__(self, keep: Callable[[Any], dict[str, Any] | None]) -> None:
+    def __init__(self, keep: Callable[[msgspec.Raw | None], bytes | None]) -> None:
         self._keep = keep
         self._pending = b""
         self.events_out = 0
@@ -410,17 +427,20 @@ class WatchFilter:
             if not line.strip():
                 continue
             try:
-                event = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                raise FilterError("watch event is not JSON") from None
-            kind = event.get("type") if isinstance(event, dict) else None
+                event = _event.decode(line)
+                kind = _value.decode(event["type"]) if "type" in event else None
+            except (msgspec.DecodeError, NotJSON):
+                raise FilterError("watch event is not a JSON object") from None
             if kind in ("BOOKMARK", "ERROR"):
                 out.append(line + b"\n")
             elif kind in ("ADDED", "MODIFIED", "DELETED"):
-                kept = keep(event.get("object"))
+                try:
+                    kept = keep(event.get("object"))
+                except NotJSON:
+                    raise FilterError("watch event is not JSON") from None
                 if kept is None:
                     continue
-                out.append(orjson.dumps({"type": kind, "object": kept}) + b"\n")
+                out.append(b'{"type":"' + kind.encode() + b'","object":' + kept + b"}\n")
             else:
                 raise FilterError(f"unknown watch event type {kind!r}")
         self.events_out += len(out)
@@ -578,7 +598,7 @@ async def serve(
     finally:
         ex.target = saved_target
     ctx.recorder.upstream_answered(ex, started)
-    ofilter = ObjectFilter(info.resource, vis, projector(decision.projection), labels_of)
+    ofilter = ObjectFilter(info.resource, vis, decision.projection, labels_of)
     try:
         return await _answer(ctx, fctx, request, ex, up, info, vis, ofilter, bound)
     finally:
@@ -618,13 +638,12 @@ async def _answer(
         return _json_answer(ex, ctx, 200, b"", ctype)
     if info.verb == "get":
         try:
-            obj = orjson.loads(await up.read(MAX_OBJECT_BYTES))
-        except (orjson.JSONDecodeError, UpstreamClientError, TimeoutError):
+            kept = ofilter.keep(await up.read(MAX_OBJECT_BYTES))
+        except (NotJSON, UpstreamClientError, TimeoutError):
             return ctx.recorder.refuse(ex, 502, "upstream answer could not be filtered")
-        kept = ofilter.keep(obj)
         if kept is None:
             return _json_answer(ex, ctx, 404, not_found(info))
-        return _json_answer(ex, ctx, 200, orjson.dumps(kept), ctype)  # as=... kept
+        return _json_answer(ex, ctx, 200, kept, ctype)  # as=... kept
 
     def rewrite_meta(obj: Any) -> None:
         meta = obj.get("metadata") if isinstance(obj, dict) else None

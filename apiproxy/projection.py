@@ -17,7 +17,9 @@ istiod receives exactly what it would keep anyway:
 - `istiod-node`: metadata without any annotations or ownerReferences; status without
   `allocatable`, `capacity`, `images` and `conditions`.
 
-Objects are the decoded JSON dicts; the functions change them in place and return them.
+The functions below change decoded JSON dicts in place and return them; they are the definition.
+Answers are projected from their bytes (`decode`, further down), which gives the same objects
+without decoding what the projection drops.
 """
 
 from __future__ import annotations
@@ -25,10 +27,23 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["LAST_APPLIED", "PROXY_OVERRIDES", "projector", "strip"]
+import msgspec
+
+__all__ = [
+    "LAST_APPLIED",
+    "PROXY_OVERRIDES",
+    "Decoded",
+    "NotJSON",
+    "decoder",
+    "istiod_node",
+    "istiod_pod",
+    "projector",
+    "strip",
+]
 
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 PROXY_OVERRIDES = "proxy.istio.io/overrides"
+_NODE_STATUS_DROPPED = ("allocatable", "capacity", "images", "conditions")
 _POD_SPEC_KEYS = ("serviceAccountName", "nodeName", "hostNetwork", "hostname", "subdomain")
 
 Object = dict[str, Any]
@@ -84,7 +99,7 @@ def istiod_node(obj: Object) -> Object:
         meta.pop("ownerReferences", None)
     status = obj.get("status")
     if isinstance(status, dict):
-        for key in ("allocatable", "capacity", "images", "conditions"):
+        for key in _NODE_STATUS_DROPPED:
             status.pop(key, None)
     return obj
 
@@ -99,3 +114,216 @@ _PROJECTIONS: dict[str, Callable[[Object], Object]] = {
 def projector(name: str) -> Callable[[Object], Object]:
     """The transform for a rule's projection ("" strips only); KeyError for an unknown name."""
     return _PROJECTIONS[name]
+
+
+# -- answers as bytes: decoded only as deep as the projection reads --------------------------------
+#
+# msgspec keeps each member the projection passes on unchanged as its encoded bytes (`Raw`) and
+# skips the members it drops without building Python objects for them; most of a pod is dropped,
+# so this costs a fraction of decoding it (bench/filtering.py). What the typed route cannot take (a
+# pod with a top-level member it does not know, or a member of another type than the API's) is
+# decoded whole and projected by the functions above. Either way the result is the same object;
+# tests/proxy/test_projection_bytes.py holds the two routes to each other.
+
+
+class NotJSON(ValueError):
+    """The bytes are not one JSON value: a list splitter's false candidate, or a broken answer."""
+
+
+Members = dict[str, msgspec.Raw]
+_members = msgspec.json.Decoder(Members)
+_value = msgspec.json.Decoder()
+_encode = msgspec.json.Encoder().encode
+_UNSET: Any = msgspec.UNSET
+
+
+def _open(raw: msgspec.Raw | None) -> Members | None:
+    """A JSON object's members, each still encoded; None for any other value, or none."""
+    if raw is None:
+        return None
+    try:
+        return _members.decode(raw)
+    except msgspec.ValidationError:
+        return None
+
+
+class _Container(msgspec.Struct):
+    ports: list[msgspec.Raw] | None = None
+    restartPolicy: Any = None
+
+
+class _PodSpec(msgspec.Struct):
+    containers: list[_Container] | None = None
+    initContainers: list[_Container] | None = None
+    serviceAccountName: msgspec.Raw = _UNSET
+    nodeName: msgspec.Raw = _UNSET
+    hostNetwork: msgspec.Raw = _UNSET
+    hostname: msgspec.Raw = _UNSET
+    subdomain: msgspec.Raw = _UNSET
+
+
+class _Pod(msgspec.Struct, forbid_unknown_fields=True):
+    kind: msgspec.Raw = _UNSET
+    apiVersion: msgspec.Raw = _UNSET
+    metadata: Members = _UNSET
+    spec: _PodSpec = _UNSET
+    status: Members = _UNSET
+
+
+_pod = msgspec.json.Decoder(_Pod)
+
+
+class Decoded:
+    """One object on its way to a peer: its metadata for the visibility decision, and its bytes
+    as projected (`encode`, done only for what is sent)."""
+
+    __slots__ = ("_bytes", "_meta", "_obj", "_project", "is_object", "whole")
+
+    def __init__(
+        self,
+        obj: Any,
+        meta: dict[str, Any] | None,
+        project: Callable[[Any], Any],
+        *,
+        whole: bool = False,
+        is_object: bool = True,
+    ) -> None:
+        self._obj = obj
+        self._meta = meta
+        self._project = project
+        self.whole = whole  # decoded whole (the definition's route): members are values, not Raw
+        self.is_object = is_object  # anything else is never sent
+        self._bytes: bytes | None = None
+
+    def member(self, key: str) -> Any:
+        """metadata[key] decoded; None without metadata (not an object) or without the key."""
+        meta = self._meta
+        if meta is None:
+            return None
+        value = meta.get(key)
+        if value is None or self.whole:
+            return value
+        return _value.decode(value)
+
+    def encode(self) -> bytes:
+        """The projected object's bytes (projected once: the projection changes it in place)."""
+        if self._bytes is None:
+            self._bytes = _encode(self._project(self._obj))
+        return self._bytes
+
+
+def _whole(data: bytes | memoryview, project: Callable[[Object], Object]) -> Decoded:
+    try:
+        obj = _value.decode(data)
+    except msgspec.DecodeError:
+        raise NotJSON from None
+    if not isinstance(obj, dict):
+        return Decoded(obj, None, project, whole=True, is_object=False)
+    meta = obj.get("metadata")
+    return Decoded(obj, meta if isinstance(meta, dict) else None, project, whole=True)
+
+
+def _strip_members(meta: Members, *, all_annotations: bool = False) -> None:
+    meta.pop("managedFields", None)
+    if all_annotations:
+        meta.pop("annotations", None)
+        return
+    annotations = _open(meta.get("annotations"))
+    if annotations is None:
+        return
+    annotations.pop(LAST_APPLIED, None)
+    annotations.pop(PROXY_OVERRIDES, None)
+    if annotations:
+        meta["annotations"] = annotations  # type: ignore[assignment]  # encoded as an object
+    else:
+        del meta["annotations"]
+
+
+def _decode_members(data: bytes | memoryview, project: Callable[[Any], Any]) -> Decoded:
+    try:
+        top = _members.decode(data)
+    except msgspec.ValidationError:
+        return _whole(data, strip)  # not an object: never shown
+    except msgspec.DecodeError:
+        raise NotJSON from None
+    meta = _open(top.get("metadata"))
+    if meta is not None:
+        top["metadata"] = meta  # type: ignore[assignment]
+    return Decoded(top, meta, project)
+
+
+def _strip_raw(top: dict[str, Any]) -> dict[str, Any]:
+    meta = top.get("metadata")
+    if isinstance(meta, dict):
+        _strip_members(meta)
+    return top
+
+
+def _istiod_node_raw(top: dict[str, Any]) -> dict[str, Any]:
+    meta = top.get("metadata")
+    if isinstance(meta, dict):
+        meta.pop("ownerReferences", None)
+        _strip_members(meta, all_annotations=True)
+    status = _open(top.get("status"))
+    if status is not None:
+        for key in _NODE_STATUS_DROPPED:
+            status.pop(key, None)
+        top["status"] = status
+    return top
+
+
+def _istiod_pod_raw(pod: _Pod) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if pod.kind is not _UNSET:
+        out["kind"] = pod.kind
+    if pod.apiVersion is not _UNSET:
+        out["apiVersion"] = pod.apiVersion
+    if pod.metadata is not _UNSET:
+        _strip_members(pod.metadata)
+        out["metadata"] = pod.metadata
+    spec = pod.spec
+    if spec is not _UNSET:
+        new: dict[str, Any] = {
+            "containers": [{"name": "", "ports": c.ports} for c in spec.containers or () if c.ports]
+        }
+        inits = [
+            {"name": "", "ports": c.ports, "restartPolicy": "Always"}
+            for c in spec.initContainers or ()
+            if c.restartPolicy == "Always" and c.ports
+        ]
+        if inits:
+            new["initContainers"] = inits
+        for key in _POD_SPEC_KEYS:
+            value = getattr(spec, key)
+            if value is not _UNSET:
+                new[key] = value
+        out["spec"] = new
+    if pod.status is not _UNSET:
+        pod.status.pop("initContainerStatuses", None)
+        pod.status.pop("containerStatuses", None)
+        out["status"] = pod.status
+    return out
+
+
+def _decode_pod(data: bytes | memoryview) -> Decoded:
+    try:
+        pod = _pod.decode(data)
+    except msgspec.ValidationError:
+        return _whole(data, istiod_pod)
+    except msgspec.DecodeError:
+        raise NotJSON from None
+    meta = pod.metadata if pod.metadata is not _UNSET else None
+    return Decoded(pod, meta, _istiod_pod_raw)
+
+
+_DECODERS: dict[str, Callable[[bytes | memoryview], Decoded]] = {
+    "": lambda data: _decode_members(data, _strip_raw),
+    "istiod-pod": _decode_pod,
+    "istiod-node": lambda data: _decode_members(data, _istiod_node_raw),
+}
+
+
+def decoder(name: str) -> Callable[[bytes | memoryview], Decoded]:
+    """Reads one JSON object for a rule's projection ("" strips only): raises NotJSON for bytes
+    that are not one JSON value; KeyError for an unknown name."""
+    return _DECODERS[name]

@@ -95,7 +95,7 @@ def run_list(data: bytes, filt: ObjectFilter, sizes: list[int], meta: Any = lamb
     return orjson.loads(out), lf
 
 
-def objfilter(projection: Any = strip) -> ObjectFilter:
+def objfilter(projection: str = "") -> ObjectFilter:
     return ObjectFilter("pods", EXPORT, projection, LABELS.get)
 
 
@@ -119,7 +119,7 @@ def test_list_items_are_filtered_and_projected_at_every_chunk_boundary(sorted_ke
         obj["metadata"]["continue"] = "SEALED"
 
     for sizes in boundaries:
-        f = objfilter(istiod_pod)
+        f = objfilter("istiod-pod")
         out, lf = run_list(data, f, sizes, meta)
         assert [i["metadata"]["name"] for i in out["items"]] == expected
         assert out["metadata"] == {"resourceVersion": "7", "continue": "SEALED"}
@@ -198,7 +198,7 @@ def test_pretty_printed_lists_are_read_too() -> None:
 
 
 def test_watch_events_filtered_bookmarks_and_errors_always_pass() -> None:
-    f = objfilter(istiod_pod)
+    f = objfilter("istiod-pod")
     wf = WatchFilter(f.keep)
     events = [
         {"type": "ADDED", "object": a_pod("a", "shown")},
