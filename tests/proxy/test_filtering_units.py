@@ -83,8 +83,12 @@ def a_list(items: list[dict[str, Any]], *, sorted_keys: bool = False, **meta: An
     return json.dumps(body, separators=(",", ":")).encode() + b"\n"
 
 
-def run_list(data: bytes, filt: ObjectFilter, sizes: list[int], meta: Any = lambda m: None) -> Any:
-    lf = ListFilter(filt.keep, meta)
+def run_list(
+    data: bytes, filt: ObjectFilter, sizes: list[int], meta: Any = lambda m: None, batch: int = 1
+) -> Any:
+    """Fed in `sizes` pieces; batch 1 looks at every piece as it comes (the default gathers
+    128 KiB first, so these small lists would be read whole at close)."""
+    lf = ListFilter(filt.keep, meta, batch=batch)
     out = b""
     i = 0
     for size in sizes:
@@ -127,6 +131,20 @@ def test_list_items_are_filtered_and_projected_at_every_chunk_boundary(sorted_ke
         assert (f.hidden, lf.items_in) == (3, 6)
         assert b"SECRET" not in orjson.dumps(out)
         assert b"hidden" not in orjson.dumps(out)
+
+
+def test_small_reads_are_gathered_and_a_long_list_still_streams() -> None:
+    data = a_list([a_pod(f"p{i}", "shown" if i % 3 else "hidden") for i in range(600)])
+    assert len(data) > 3 * 128 * 1024
+    lf = ListFilter(objfilter("istiod-pod").keep, lambda m: None)
+    outs = [lf.feed(data[i : i + 1000]) for i in range(0, len(data), 1000)]
+    first = next(i for i, out in enumerate(outs) if out)
+    assert (first + 1) * 1000 >= 128 * 1024  # nothing looked at before 128 KiB had come
+    assert sum(1 for out in outs if out) >= 3  # then it streams, 128 KiB at a time
+    gathered = b"".join(outs) + lf.close()
+    one_by_one, _ = run_list(data, objfilter("istiod-pod"), [1000] * (len(data) // 1000))
+    assert orjson.loads(gathered) == one_by_one
+    assert len(one_by_one["items"]) == 400
 
 
 def test_empty_list_and_malformed_lists() -> None:
