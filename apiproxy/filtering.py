@@ -260,14 +260,12 @@ class ListFilter:
         return self._drain()
 
     def _drain(self) -> bytes:
-        chunk = b"".join(self._waiting)
+        # One copy: what is left of the item in progress and the reads, joined.
+        self._buf = b"".join([memoryview(self._buf)[self._pos :], *self._waiting])
         self._waiting.clear()
         self._waiting_size = 0
-        if self._pos:
-            self._buf = self._buf[self._pos :]
-            self._scan -= self._pos
-            self._pos = 0
-        self._buf += chunk
+        self._scan -= self._pos
+        self._pos = 0
         out: list[bytes] = []
         if self._state == "head":
             head = self._head()

@@ -272,37 +272,28 @@ def _istiod_node_raw(top: dict[str, Any]) -> dict[str, Any]:
     return top
 
 
-def _istiod_pod_raw(pod: _Pod) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if pod.kind is not _UNSET:
-        out["kind"] = pod.kind
-    if pod.apiVersion is not _UNSET:
-        out["apiVersion"] = pod.apiVersion
+def _istiod_pod_raw(pod: _Pod) -> _Pod:
+    """`istiod_pod` on the typed pod, in place. Encoded as the struct: members it does not know
+    were never read, and those left unset are left out."""
     if pod.metadata is not _UNSET:
         _strip_members(pod.metadata)
-        out["metadata"] = pod.metadata
     spec = pod.spec
     if spec is not _UNSET:
-        new: dict[str, Any] = {
-            "containers": [{"name": "", "ports": c.ports} for c in spec.containers or () if c.ports]
-        }
+        spec.containers = [
+            {"name": "", "ports": c.ports}  # type: ignore[misc]  # encoded as they are
+            for c in spec.containers or ()
+            if c.ports
+        ]
         inits = [
             {"name": "", "ports": c.ports, "restartPolicy": "Always"}
             for c in spec.initContainers or ()
             if c.restartPolicy == "Always" and c.ports
         ]
-        if inits:
-            new["initContainers"] = inits
-        for key in _POD_SPEC_KEYS:
-            value = getattr(spec, key)
-            if value is not _UNSET:
-                new[key] = value
-        out["spec"] = new
+        spec.initContainers = inits or _UNSET  # type: ignore[assignment]
     if pod.status is not _UNSET:
         pod.status.pop("initContainerStatuses", None)
         pod.status.pop("containerStatuses", None)
-        out["status"] = pod.status
-    return out
+    return pod
 
 
 def _decode_pod(data: bytes | memoryview) -> Decoded:
