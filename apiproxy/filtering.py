@@ -209,6 +209,9 @@ class ObjectFilter:
 
 _ITEMS = re.compile(rb'"items"\s*:\s*\[')
 _event = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_FRAMES = {
+    kind: b'{"type":"' + kind.encode() + b'","object":' for kind in ("ADDED", "MODIFIED", "DELETED")
+}
 _value = msgspec.json.Decoder()
 _FIRST_KEY = re.compile(rb'\{\s*"((?:[^"\\]|\\.)*)"\s*:')
 _WS_COMMA = re.compile(rb"[\s,]*")
@@ -446,25 +449,41 @@ class WatchFilter:
         for line in lines:
             if not line.strip():
                 continue
-            try:
-                event = _event.decode(line)
-                kind = _value.decode(event["type"]) if "type" in event else None
-            except (msgspec.DecodeError, NotJSON):
-                raise FilterError("watch event is not a JSON object") from None
-            if kind in ("BOOKMARK", "ERROR"):
-                out.append(line + b"\n")
-            elif kind in ("ADDED", "MODIFIED", "DELETED"):
+            kind, kept = self._framed(line)
+            if kind is None:
+                try:
+                    event = _event.decode(line)
+                    kind = _value.decode(event["type"]) if "type" in event else None
+                except msgspec.DecodeError:
+                    raise FilterError("watch event is not a JSON object") from None
+                if kind in ("BOOKMARK", "ERROR"):
+                    out.append(line + b"\n")
+                    continue
+                if kind not in _FRAMES:
+                    raise FilterError(f"unknown watch event type {kind!r}")
                 try:
                     kept = keep(event.get("object"))
                 except NotJSON:
                     raise FilterError("watch event is not JSON") from None
-                if kept is None:
-                    continue
-                out.append(b'{"type":"' + kind.encode() + b'","object":' + kept + b"}\n")
-            else:
-                raise FilterError(f"unknown watch event type {kind!r}")
+            if kept is not None:
+                out.append(_FRAMES[kind] + kept + b"}\n")
         self.events_out += len(out)
         return b"".join(out)
+
+    def _framed(self, line: bytes) -> tuple[str | None, bytes | None]:
+        """kube-apiserver's own framing, `{"type":"<T>","object":<object>}`, read without
+        decoding the event around the object (which would read the object twice): the object's
+        bytes are exactly what lies between, when they decode as one object. (None, None) for
+        anything else, which is then decoded whole."""
+        if line[-1:] != b"}":
+            return None, None
+        for kind, head in _FRAMES.items():
+            if line.startswith(head):
+                try:
+                    return kind, self._keep(memoryview(line)[len(head) : -1])  # type: ignore[arg-type]
+                except NotJSON:
+                    return None, None
+        return None, None
 
     def close(self) -> bytes:
         if self._pending.strip():

@@ -62,6 +62,12 @@ def strip(obj: Object) -> Object:
     return obj
 
 
+def _items(value: Any) -> list[Any]:
+    """A list member, or none: a container list of another type (no API server sends one) keeps
+    no container."""
+    return value if isinstance(value, list) else []
+
+
 def istiod_pod(obj: Object) -> Object:
     strip(obj)
     spec = obj.get("spec")
@@ -69,13 +75,13 @@ def istiod_pod(obj: Object) -> Object:
         new: dict[str, Any] = {
             "containers": [
                 {"name": "", "ports": c["ports"]}
-                for c in spec.get("containers") or ()
+                for c in _items(spec.get("containers"))
                 if isinstance(c, dict) and c.get("ports")
             ]
         }
         inits = [
             {"name": "", "ports": c["ports"], "restartPolicy": "Always"}
-            for c in spec.get("initContainers") or ()
+            for c in _items(spec.get("initContainers"))
             if isinstance(c, dict) and c.get("restartPolicy") == "Always" and c.get("ports")
         ]
         if inits:

@@ -253,6 +253,34 @@ def test_watch_events_filtered_bookmarks_and_errors_always_pass() -> None:
         WatchFilter(f.keep).feed(b'{"type":"WHAT","object":{}}\n')
 
 
+def test_watch_events_framed_otherwise_are_read_whole() -> None:
+    """kube-apiserver's framing is read without decoding the event; any other framing of the
+    same event (spacing, key order, an extra member, a repeated key) gives the same answer."""
+    shown = orjson.dumps(a_pod("a", "shown")).decode()
+    hidden = orjson.dumps(a_pod("b", "hidden")).decode()
+    lines = [
+        '{"type":"ADDED","object":' + shown + "}",
+        '{"type": "ADDED", "object": ' + shown + " }",
+        '{"object":' + shown + ',"type":"MODIFIED"}',
+        '{"type":"ADDED","object":' + shown + ',"extra":1}',
+        '{"type":"DELETED","object":' + shown + ',"object":' + hidden + "}",
+        '{"type":"ADDED","object":' + hidden + "}",
+        '{"type":"ADDED","object":null}',
+        '{"type":"ADDED"}',
+    ]
+    f = objfilter("istiod-pod")
+    out = WatchFilter(f.keep).feed("".join(line + "\n" for line in lines).encode())
+    got = [orjson.loads(line) for line in out.splitlines()]
+    assert [e["type"] for e in got] == ["ADDED", "ADDED", "MODIFIED", "ADDED"]
+    assert all(e["object"]["metadata"]["name"] == "a" for e in got)
+    assert all(set(e) == {"type", "object"} for e in got)
+    assert all(e["object"]["spec"]["containers"][0]["name"] == "" for e in got)
+    assert f.hidden == 4
+    for bad in (b'{"type":"ADDED","object":{"a":}\n', b'{"type":"ADDED","object":{}\n'):
+        with pytest.raises(FilterError):
+            WatchFilter(f.keep).feed(bad)
+
+
 def test_istiod_pod_projection_mirrors_strip_pod_unused_fields() -> None:
     pod = istiod_pod(a_pod("a", "shown"))
     assert pod["spec"] == {

@@ -106,6 +106,8 @@ ODD = [
     {"spec": "x"},
     {"spec": {}},
     {"spec": {"containers": None, "initContainers": None}},
+    {"spec": {"containers": 1, "initContainers": True}},
+    {"spec": {"containers": "ab", "initContainers": {"ports": [1]}}},
     {"spec": {"containers": [1, "x", None, {}]}},
     {"spec": {"containers": [{"ports": None}, {"ports": []}, {"ports": {"a": 1}}]}},
     {"spec": {"containers": [{"ports": "p"}, {"ports": 0}, {"ports": [0]}]}},
