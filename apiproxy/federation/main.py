@@ -306,7 +306,8 @@ class Federation:
                     return
                 await self.elector.changed.wait()
 
-        await asyncio.wait_for(_wait(), timeout)
+        async with asyncio.timeout(timeout):  # not wait_for: see Controller._sleep
+            await _wait()
 
     async def reconcile(self, *, force: bool = True) -> PassReport:
         """Run one pass now (fetching every peer when `force`), return what it did."""
