@@ -597,8 +597,8 @@ async def _start_unless_stopped(fed: Federation, stop: asyncio.Event) -> bool:
     finally:
         stopping.cancel()
         if not starting.done():
-            starting.cancel()
-            # Bounded like the rest of the shutdown; a start-up that will not unwind is left.
+            log.info("stopping", during="start-up")
+            # Within the shutdown budget; a start-up that will not unwind is left behind.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(fed.config.shutdown_timeout):
                     await tasks.cancel_and_wait(starting)
@@ -615,28 +615,36 @@ async def _start_unless_stopped(fed: Federation, stop: asyncio.Event) -> bool:
 
 async def _run(cfg: FederationConfig, kubeconfig: str | None, context: str | None) -> int:
     stop = asyncio.Event()
+    asked: list[float] = []  # monotonic time of the first SIGTERM/SIGINT
+
+    def request_stop() -> None:
+        if not asked:
+            asked.append(time.monotonic())
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, request_stop)
     api_client = await _api_client(kubeconfig, context)
     fed = Federation(cfg, api_client)
     abandoned: list[str] = []
-    stopping_at: float | None = None
     try:
         if await _start_unless_stopped(fed, stop):
             await stop.wait()
-        stopping_at = time.monotonic()
-        log.info("stopping", started=fed.identity is not None and fed.exporter is not None)
+            log.info("stopping")
     finally:
-        stopping_at = stopping_at or time.monotonic()
+        since = asked[0] if asked else time.monotonic()
+        # One budget from the signal on, start-up's cancellation included; the local
+        # listeners always get their second.
+        left = max(1.0, cfg.shutdown_timeout - (time.monotonic() - since))
         try:
-            abandoned = await fed.stop()
+            abandoned = await fed.stop(timeout=left)
         finally:
             await api_client.close()
     log.info(
         "federation_stopped",
-        seconds=round(time.monotonic() - stopping_at, 3),
+        seconds=round(time.monotonic() - since, 3),
         abandoned=abandoned,
     )
     return 0

@@ -50,6 +50,7 @@ async def test_sigterm_while_start_waits_for_a_hanging_api(clusters, federate):
     rc, took = await f.sigterm()
     last = f.assert_clean_exit(rc)
     assert f.event("federation_started") is None
+    assert (f.event("stopping") or {}).get("during") == "start-up"
     assert last["abandoned"] == []
     print(f"SIGTERM during start-up: exited in {took:.2f}s")
 
@@ -193,3 +194,35 @@ async def test_cancel_and_wait_can_itself_be_cancelled():
     finally:
         release.set()
         await task
+
+
+async def test_stop_abandons_a_loop_that_ignores_its_cancellation(clusters):
+    """The bound holds even against a background loop that swallows every cancellation (the
+    bug class above): stop() gives up on it at the deadline, says so, and still closes the
+    exporter."""
+    a = await clusters("a")
+    fed = await a.federation(shutdown_timeout=1.0)
+    release = asyncio.Event()
+
+    async def stubborn() -> None:
+        while not release.is_set():
+            try:
+                await release.wait()
+            except asyncio.CancelledError:
+                continue
+
+    fed._tasks.append(asyncio.create_task(stubborn()))
+    exporter = fed.exporter
+    assert exporter is not None
+    try:
+        started = asyncio.get_running_loop().time()
+        stopping = asyncio.create_task(fed.stop())
+        done, _ = await asyncio.wait({stopping}, timeout=SHUTDOWN_BOUND)
+        assert stopping in done, f"stop() still waiting after {SHUTDOWN_BOUND:g}s"
+        took = asyncio.get_running_loop().time() - started
+        assert await stopping == ["background loops"]
+        assert took < 3.0, took  # the 1 s budget, with room for a loaded machine
+        assert not exporter.serving
+    finally:
+        release.set()
+    a.feds.remove(fed)
