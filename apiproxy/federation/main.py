@@ -602,7 +602,7 @@ async def _start_unless_stopped(fed: Federation, stop: asyncio.Event) -> bool:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(fed.config.shutdown_timeout):
                     await tasks.cancel_and_wait(starting)
-    if starting.cancelled():
+    if not starting.done() or starting.cancelled():  # not done: left behind at the deadline
         return False
     try:
         starting.result()
