@@ -370,8 +370,15 @@ class Controller:
                     log.info("leadership_lost_mid_pass")
                 except Exception as exc:  # a pass must never kill the loop
                     log.error("reconcile_failed", error=redact_text(str(exc)))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self._sleep_for())
+            await self._sleep(self._sleep_for())
+
+    async def _sleep(self, seconds: float) -> None:
+        """Until a trigger or `seconds`. Not asyncio.wait_for: on Python 3.11 it returns the
+        inner result when a trigger and a cancellation land in the same loop turn, dropping the
+        cancellation; this loop then ran on and Federation.stop() waited for it forever."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
 
     def _sleep_for(self) -> float:
         if not self.can_write():
@@ -391,7 +398,8 @@ class Controller:
             assert self.last_report is not None
             return self.last_report
 
-        return await asyncio.wait_for(_wait(), timeout)
+        async with asyncio.timeout(timeout):  # not wait_for: see _sleep
+            return await _wait()
 
     async def close(self) -> None:
         if self._session is not None:

@@ -108,7 +108,8 @@ class Exporter:
         return app
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None) -> int:
-        self._runner = web.AppRunner(self.app(), access_log=None)
+        # A metadata request in flight at shutdown gets a second, not aiohttp's default minute.
+        self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context)
         await site.start()

@@ -5,7 +5,7 @@ fed = Federation(FederationConfig(cluster_domain="cluster.local", api_host="b.ex
                                   exporter_listen="127.0.0.1:0", leader_elect=False), api_client)
 await fed.start()            # identity, exporter (fed.exporter_port), watch, election, controller
 report = await fed.reconcile()   # run one pass now (leader only) and get its PassReport
-await fed.stop()
+await fed.stop()             # bounded by config.shutdown_timeout; returns what it abandoned
 ```
 """
 
@@ -19,7 +19,7 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -99,6 +99,9 @@ class FederationConfig:
     # /readyz: the kube-apiserver counts as reachable when it answered within this many seconds
     # (otherwise /readyz asks it once itself, GET /version).
     api_ready_window: float = 30.0
+    # stop(): what is not done this many seconds after it began (a Lease release against a hung
+    # kube-apiserver, a stuck request handler) is abandoned with a warning.
+    shutdown_timeout: float = 5.0
 
     def validate(self) -> None:
         if not self.cluster_domain or not valid_address(self.cluster_domain):
@@ -117,6 +120,8 @@ class FederationConfig:
             raise UserError("the kube-apiserver readiness window must be positive")
         if self.resync_interval <= 0:
             raise UserError("--resync-interval must be positive")
+        if self.shutdown_timeout <= 0:
+            raise UserError("the shutdown timeout must be positive")
         parse_listen(self.exporter_listen, "--exporter-listen")
         if self.metrics_listen:
             parse_listen(self.metrics_listen, "--metrics-listen")
@@ -230,22 +235,45 @@ class Federation:
             metrics_port=self.metrics_port,  # the real ports, also when asked for port 0
         )
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float | None = None) -> list[str]:  # noqa: ASYNC109
+        """Cancel the loops, give the Lease back, close the listeners: each step within what is
+        left of `timeout` (default `config.shutdown_timeout`) after stop() began. A step still
+        running at that deadline is abandoned with a `shutdown_step_abandoned` warning; the
+        names of the abandoned steps are returned (empty: everything finished)."""
+        budget = self.config.shutdown_timeout if timeout is None else timeout
+        deadline = time.monotonic() + budget
+        # Closing our own listeners is local and quick: the steps that wait on others (loops
+        # unwinding, the kube-apiserver for the Lease) leave it this share of the budget.
+        local = min(1.0, budget / 4)
+        abandoned: list[str] = []
+
+        async def step(name: str, work: Awaitable[Any], *, reserve: float = 0.0) -> None:
+            bound = asyncio.timeout(max(0.0, deadline - reserve - time.monotonic()))
+            try:
+                async with bound:
+                    await work
+            except TimeoutError:
+                if not bound.expired():
+                    raise  # the step's own TimeoutError, not the deadline
+                abandoned.append(name)
+                log.warning("shutdown_step_abandoned", step=name, shutdown_timeout=budget)
+
         running, self._tasks = self._tasks, []
         try:
             # A background loop that died with an error is a bug: it surfaces here, after the
             # rest is shut down.
-            await tasks.cancel_and_wait(*running)
+            await step("background loops", tasks.cancel_and_wait(*running), reserve=local)
         finally:
             if self.elector is not None:
-                await self.elector.release()
+                await step("lease release", self.elector.release(), reserve=local)
             if self.controller is not None:
-                await self.controller.close()
+                await step("peer connections", self.controller.close())
             if self.exporter is not None:
-                await self.exporter.stop()
+                await step("exporter", self.exporter.stop())
             if self._metrics_runner is not None:
-                await self._metrics_runner.cleanup()
-                self._metrics_runner = None
+                runner, self._metrics_runner = self._metrics_runner, None
+                await step("metrics listener", runner.cleanup())
+        return abandoned
 
     async def __aenter__(self) -> Federation:
         await self.start()
@@ -278,7 +306,8 @@ class Federation:
                     return
                 await self.elector.changed.wait()
 
-        await asyncio.wait_for(_wait(), timeout)
+        async with asyncio.timeout(timeout):  # not wait_for: see Controller._sleep
+            await _wait()
 
     async def reconcile(self, *, force: bool = True) -> PassReport:
         """Run one pass now (fetching every peer when `force`), return what it did."""
@@ -390,7 +419,8 @@ class Federation:
         app.router.add_get("/metrics", metrics)
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/readyz", readyz)
-        self._metrics_runner = web.AppRunner(app, access_log=None)
+        # A probe in flight at shutdown gets a second, not aiohttp's default minute.
+        self._metrics_runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self._metrics_runner.setup()
         site = web.TCPSite(self._metrics_runner, host, port)
         await site.start()
@@ -557,27 +587,86 @@ async def _api_client(kubeconfig: str | None, context: str | None) -> ApiClient:
             raise UserError(f"no Kubernetes credentials: {exc}") from None
 
 
+async def _start_unless_stopped(fed: Federation, stop: asyncio.Event) -> bool:
+    """fed.start(), unless SIGTERM comes first: then start-up is cancelled (it may be waiting
+    on a hung kube-apiserver for a request's full 30 s) and False is returned."""
+    starting = asyncio.create_task(fed.start())
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        if not starting.done():
+            log.info("stopping", during="start-up")
+            # Within the shutdown budget; a start-up that will not unwind is left behind.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(fed.config.shutdown_timeout):
+                    await tasks.cancel_and_wait(starting)
+    if not starting.done() or starting.cancelled():  # not done: left behind at the deadline
+        return False
+    try:
+        starting.result()
+    except KubeError as exc:
+        raise UserError(f"cannot start: {exc}") from None
+    except OSError as exc:
+        raise UserError(f"cannot listen: {exc.strerror or exc}") from None
+    return True
+
+
 async def _run(cfg: FederationConfig, kubeconfig: str | None, context: str | None) -> int:
-    api_client = await _api_client(kubeconfig, context)
     stop = asyncio.Event()
+    asked: list[float] = []  # monotonic time of the first SIGTERM/SIGINT
+
+    def request_stop() -> None:
+        if not asked:
+            asked.append(time.monotonic())
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, request_stop)
+    api_client = await _api_client(kubeconfig, context)
     fed = Federation(cfg, api_client)
+    abandoned: list[str] = []
     try:
-        try:
-            await fed.start()
-        except KubeError as exc:
-            raise UserError(f"cannot start: {exc}") from None
-        except OSError as exc:
-            raise UserError(f"cannot listen: {exc.strerror or exc}") from None
-        await stop.wait()
-        log.info("stopping")
+        if await _start_unless_stopped(fed, stop):
+            await stop.wait()
+            log.info("stopping")
     finally:
-        await fed.stop()
-        await api_client.close()
+        since = asked[0] if asked else time.monotonic()
+        # One budget from the signal on, start-up's cancellation included; the local
+        # listeners always get their second.
+        left = max(1.0, cfg.shutdown_timeout - (time.monotonic() - since))
+        try:
+            abandoned = await fed.stop(timeout=left)
+        finally:
+            await api_client.close()
+    log.info(
+        "federation_stopped",
+        seconds=round(time.monotonic() - since, 3),
+        abandoned=abandoned,
+    )
     return 0
+
+
+def _run_bounded(main: Coroutine[Any, Any, int]) -> int:
+    """asyncio.run(main) without its final wait for leftover tasks: a step Federation.stop()
+    abandoned at its deadline must not hold the process after all (asyncio.run would cancel
+    it and wait without limit)."""
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(main)
+    finally:
+        try:
+            leftover = asyncio.all_tasks(loop)
+            for task in leftover:
+                task.cancel()
+            if leftover:  # one more short chance to unwind, then they are left behind
+                loop.run_until_complete(asyncio.wait(leftover, timeout=1.0))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            loop.close()
 
 
 def main(argv: Sequence[str], prog: str = "apiproxy federate") -> int:
@@ -586,4 +675,4 @@ def main(argv: Sequence[str], prog: str = "apiproxy federate") -> int:
     cfg.validate()
     applog.configure(args.log_format, args.log_level)
     kubeconfig = str(args.kubeconfig) if args.kubeconfig else None
-    return asyncio.run(_run(cfg, kubeconfig, args.context))
+    return _run_bounded(_run(cfg, kubeconfig, args.context))

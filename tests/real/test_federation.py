@@ -30,6 +30,8 @@ from apiproxy import pki, upstream
 from apiproxy.federation.controller import FINALIZER, PRIVATE, PUBLIC, REMOTE_API
 from apiproxy.federation.main import LEASE_NAME, Federation, FederationConfig
 from apiproxy.server import ProxyServer, ServeConfig
+from tests.federation.conftest import eventually
+from tests.federation.process import Federate, SilentPeer
 from tests.real.cluster import KubeCluster
 from tests.real.deploy import IMC, ROOT, docs, provision, ready_node, wait_established
 from tests.tools import KUBECTL
@@ -522,3 +524,61 @@ async def test_two_replicas_share_the_shipped_lease(
         for fed in replicas:
             await fed.stop()
             await fed.kube.api_client.close()
+
+
+async def test_federate_process_stops_promptly_on_sigterm(
+    two_clusters: tuple[KubeCluster, KubeCluster], tmp_path: Path
+) -> None:
+    """`python -m apiproxy federate` as the shipped ServiceAccount on a real kube-apiserver,
+    leading, its watch open, its pass held by a peer that accepted the connection and never
+    answers: SIGTERM ends it within SHUTDOWN_BOUND with exit 0, `federation_stopped` last, and
+    the Lease handed back (holder empty)."""
+    kube = two_clusters[1]
+    await asyncio.to_thread(provision, kube, pki.make_ca("istio root b"))
+    token = await asyncio.to_thread(
+        kube.service_account_token, "apiproxy-system", "apiproxy-federation"
+    )
+    kubeconfig = kube.kubeconfig(tmp_path / "federation.kubeconfig", token=token)
+    lease_path = f"/apis/coordination.k8s.io/v1/namespaces/apiproxy-system/leases/{LEASE_NAME}"
+    name = "silent-peer"
+    async with SilentPeer() as peer:
+        await asyncio.to_thread(
+            kube.ok,
+            "POST",
+            IMC,
+            {
+                "apiVersion": "deckhouse.io/v1alpha1",
+                "kind": "IstioMulticluster",
+                "metadata": {"name": name},
+                "spec": {"metadataEndpoint": f"https://127.0.0.1:{peer.port}/metadata"},
+            },
+        )
+        f = await Federate.start(kubeconfig, tmp_path, "--identity=federate-sigterm")
+        try:
+            await f.wait_event("federation_started", timeout=60)
+
+            # The Lease may still name a replica of an earlier test until it expires (15 s).
+            async def leading() -> bool:
+                f.alive()
+                lease = await asyncio.to_thread(kube.ok, "GET", lease_path)
+                return bool(lease["spec"].get("holderIdentity") == "federate-sigterm")
+
+            await eventually(leading, timeout=60, interval=0.2)
+            await asyncio.wait_for(peer.connected.wait(), 60)
+            rc, took = await f.sigterm()
+        finally:
+            await f.kill()
+            # Our finalizer is on it and no controller runs any more: take it off, then delete.
+            await asyncio.to_thread(
+                kube.request,
+                "PATCH",
+                f"{IMC}/{name}",
+                {"metadata": {"finalizers": None}},
+                content_type="application/merge-patch+json",
+            )
+            await asyncio.to_thread(kube.request, "DELETE", f"{IMC}/{name}")
+    last = f.assert_clean_exit(rc)
+    assert last["abandoned"] == []
+    lease = await asyncio.to_thread(kube.ok, "GET", lease_path)
+    assert lease["spec"].get("holderIdentity") in (None, "")
+    print(f"real kube-apiserver: SIGTERM mid-pass exited in {took:.2f}s")
