@@ -573,7 +573,8 @@ async def serve(
         if view is not None and not view.synced and view.running:
             # Just started: the first namespace LIST is usually a few milliseconds away.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(view.wait_synced(), SYNC_WAIT_SECONDS)
+                async with asyncio.timeout(SYNC_WAIT_SECONDS):  # never drops a cancel
+                    await view.wait_synced()
         if view is None or not view.synced:
             return ctx.recorder.refuse(
                 ex,

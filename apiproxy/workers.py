@@ -451,8 +451,11 @@ class Supervisor:
             slot.failures += 1
             self.restarts.inc()
             _log.warning("worker_restarting", worker=slot.index, delay_seconds=delay)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for drops a cancel that arrives in the
+            # turn its awaitable finishes (see apiproxy/federation/controller.py).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._stop.wait()
 
     async def _relay(self, stream: asyncio.StreamReader) -> None:
         """A worker's stdout to ours in whole lines, so workers' audit records never interleave."""

@@ -182,7 +182,8 @@ class AuditWriter:
             await asyncio.shield(task)
 
         try:
-            await asyncio.wait_for(finish(), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for, which can drop a cancel on 3.11
+                await finish()
         except TimeoutError:
             lost = self.depth
             await cancel_and_wait(self._task)
