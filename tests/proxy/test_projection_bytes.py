@@ -120,6 +120,11 @@ ODD = [
     {"status": {"containerStatuses": None, "capacity": 1, "conditions": [], "podIP": "1"}},
     {"unknown": 1, "spec": {"containers": [{"ports": [1]}]}},
     {"kind": None, "apiVersion": 7},
+    # decoded whole, yet with metadata that visibility reads
+    {"metadata": {"namespace": "ns", "name": "n", "labels": {"a": "b"}}, "spec": None},
+    # typed, with a status that has no container statuses to drop
+    {"metadata": {"namespace": "ns"}, "status": {"phase": "Pending"}},
+    {"metadata": {"name": "n"}, "spec": {"containers": []}, "status": {}},
 ]
 
 
@@ -132,6 +137,10 @@ def test_odd_objects_are_projected_as_defined(name: str, obj: dict[str, Any]) ->
 def test_what_the_typed_route_cannot_take_is_decoded_whole() -> None:
     typed = decoder("istiod-pod")
     assert not typed(enc({"metadata": {}, "spec": {"containers": [{"ports": [1]}]}})).whole
+    assert not typed(enc({"metadata": {"namespace": "ns"}, "status": {"phase": "Pending"}})).whole
+    whole = typed(enc({"metadata": {"namespace": "ns"}, "spec": None}))
+    assert whole.whole
+    assert whole.member("namespace") == "ns"
     for odd in (
         {"unknown": 1},
         {"spec": None},
