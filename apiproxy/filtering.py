@@ -459,7 +459,7 @@ class WatchFilter:
                 if kind in ("BOOKMARK", "ERROR"):
                     out.append(line + b"\n")
                     continue
-                if kind not in _FRAMES:
+                if not isinstance(kind, str) or kind not in _FRAMES:
                     raise FilterError(f"unknown watch event type {kind!r}")
                 try:
                     kept = keep(event.get("object"))

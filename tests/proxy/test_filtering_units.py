@@ -276,7 +276,13 @@ def test_watch_events_framed_otherwise_are_read_whole() -> None:
     assert all(set(e) == {"type", "object"} for e in got)
     assert all(e["object"]["spec"]["containers"][0]["name"] == "" for e in got)
     assert f.hidden == 4
-    for bad in (b'{"type":"ADDED","object":{"a":}\n', b'{"type":"ADDED","object":{}\n'):
+    for bad in (
+        b'{"type":"ADDED","object":{"a":}\n',
+        b'{"type":"ADDED","object":{}\n',
+        b'{"type":["ADDED"],"object":{}}\n',
+        b'{"type":{"a":1},"object":{}}\n',
+        b"[1]\n",
+    ):
         with pytest.raises(FilterError):
             WatchFilter(f.keep).feed(bad)
 
