@@ -294,8 +294,8 @@ async def copy_stream(
     counter: EventCounter | None,
     result: CopyResult,
 ) -> CopyResult:
-    """Copy the upstream body to `write` as it arrives (all that came in since the last write,
-    in one), until the upstream ends or writing fails (the client went away). `result` is
+    """Copy the upstream body to `write` as it arrives (each piece as it was read), until the
+    upstream ends or writing fails (the client went away). `result` is
     updated as it goes, so a caller that is cancelled (client gone, deadline, shutdown) still
     knows how much was sent."""
     chunks = source.chunks().__aiter__()

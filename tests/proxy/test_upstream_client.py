@@ -784,9 +784,13 @@ def test_back_pressure_holds_again_after_every_resume() -> None:
             conn.data_received(b"y")
             assert not transport.is_reading()
             conn.data_received(b"z")  # more already in flight: still paused, no second pause
-            taken = loop.run_until_complete(anext(body))
+            first = loop.run_until_complete(anext(body))
+            assert first == b"x" * HIGH_WATER  # each piece as read: never joined, no extra copy
+            assert transport.is_reading()  # everything buffered was taken at once
+            taken = (
+                first + loop.run_until_complete(anext(body)) + loop.run_until_complete(anext(body))
+            )
             assert taken == b"x" * HIGH_WATER + b"yz"
-            assert transport.is_reading()
             conn.drained()  # nothing buffered and not paused: nothing to resume
             assert transport.is_reading()
         conn.data_received(b"x" * (size - 2 * len(taken)))
