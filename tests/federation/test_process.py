@@ -3,31 +3,14 @@ subprocess against a simulated cluster."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
-import os
-import signal
-import sys
-from pathlib import Path
 
 import aiohttp
 
 from apiproxy.federation import identity
 from tests.federation.conftest import eventually
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _started_ports(stderr: Path) -> tuple[int, int] | None:
-    """The exporter and metrics ports from the process's `federation_started` log line (it is
-    asked for port 0: the kernel picks a free port, nothing can take it between pick and bind)."""
-    for line in stderr.read_text().splitlines():
-        if line.startswith("{"):
-            rec = json.loads(line)
-            if rec.get("event") == "federation_started":
-                return int(rec["exporter_port"]), int(rec["metrics_port"])
-    return None
+from tests.federation.process import Federate
 
 
 async def _get(url: str) -> tuple[int, str]:
@@ -78,53 +61,16 @@ async def _status_is(url: str, want: int) -> bool:
 async def test_cli_process_serves_readyz_and_exits_cleanly_on_sigterm(clusters, tmp_path):
     a = await clusters("a")
     kubeconfig = a.sim.write_kubeconfig(tmp_path / "kubeconfig")
-    stderr_path = tmp_path / "stderr"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("APIPROXY_")}
-    env["PYTHONPATH"] = str(REPO)
-    with stderr_path.open("wb") as stderr:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "apiproxy",
-            "federate",
-            "--kubeconfig",
-            str(kubeconfig),
-            "--cluster-domain",
-            "cluster.local",
-            "--api-host",
-            "api.a.example:4443",
-            "--exporter-listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--ingress-gateway",
-            "192.0.2.10:15443",
-            "--no-leader-elect",
-            "--log-format",
-            "json",
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=stderr,
-            cwd=str(tmp_path),
-            env=env,
-        )
+    fed = await Federate.start(
+        kubeconfig, tmp_path, "--metrics-listen=127.0.0.1:0", "--no-leader-elect"
+    )
     try:
-        ports: tuple[int, int] | None = None
-
-        async def started() -> bool:
-            nonlocal ports
-            if proc.returncode is not None:
-                raise AssertionError(f"federate exited early: {stderr_path.read_text()}")
-            ports = _started_ports(stderr_path)
-            return ports is not None
-
-        await eventually(started, timeout=30, interval=0.1)
-        assert ports is not None
-        exporter_port, metrics_port = ports
+        # Asked for port 0: the kernel picks a free port, nothing can take it between pick and bind.
+        started = await fed.wait_event("federation_started")
+        exporter_port, metrics_port = int(started["exporter_port"]), int(started["metrics_port"])
 
         async def ready() -> bool:
-            if proc.returncode is not None:
-                raise AssertionError(f"federate exited early: {stderr_path.read_text()}")
+            fed.alive()
             try:
                 status, _ = await _get(f"http://127.0.0.1:{metrics_port}/readyz")
             except aiohttp.ClientError:
@@ -146,13 +92,10 @@ async def test_cli_process_serves_readyz_and_exits_cleanly_on_sigterm(clusters, 
         private_pem = base64.b64decode(ident["data"]["priv.pem"]).decode()
         ca_key = base64.b64decode(client_ca["data"]["ca.key"]).decode()
 
-        proc.send_signal(signal.SIGTERM)
-        rc = await asyncio.wait_for(proc.wait(), timeout=20)
+        rc, _seconds = await fed.sigterm()
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    err = stderr_path.read_text()
+        await fed.kill()
+    err = fed.log.read_text()  # stdout and stderr both
     assert rc == 0, err
     assert "federation_started" in err
     assert "stopping" in err

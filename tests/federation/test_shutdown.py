@@ -170,19 +170,20 @@ async def test_stop_right_after_a_trigger_finishes(clusters):
     assert controller.passes == passes  # no pass ran after the stop
 
 
+async def _stubborn(release: asyncio.Event) -> None:
+    """A task that swallows every cancellation until `release` is set."""
+    while not release.is_set():
+        try:
+            await release.wait()
+        except asyncio.CancelledError:
+            continue
+
+
 async def test_cancel_and_wait_can_itself_be_cancelled():
     """A task that ignores its cancellation must not make the stopper uncancellable: the
     stopper's own cancellation (a shutdown deadline) used to be swallowed as the task's."""
     release = asyncio.Event()
-
-    async def stubborn() -> None:
-        while not release.is_set():
-            try:
-                await release.wait()
-            except asyncio.CancelledError:
-                continue
-
-    task = asyncio.create_task(stubborn())
+    task = asyncio.create_task(_stubborn(release))
     await asyncio.sleep(0)
     stopper = asyncio.create_task(tasks.cancel_and_wait(task))
     await asyncio.sleep(0)
@@ -203,15 +204,7 @@ async def test_stop_abandons_a_loop_that_ignores_its_cancellation(clusters):
     a = await clusters("a")
     fed = await a.federation(shutdown_timeout=1.0)
     release = asyncio.Event()
-
-    async def stubborn() -> None:
-        while not release.is_set():
-            try:
-                await release.wait()
-            except asyncio.CancelledError:
-                continue
-
-    fed._tasks.append(asyncio.create_task(stubborn()))
+    fed._tasks.append(asyncio.create_task(_stubborn(release)))
     exporter = fed.exporter
     assert exporter is not None
     try:
