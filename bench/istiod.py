@@ -633,36 +633,40 @@ class IstiodBench:
         errors: list[BaseException] = []
         flips = touches = 0
 
-        def flipper() -> None:
-            nonlocal missed, flips
-            start = time.monotonic()
-            i = 0
-            while not stop.is_set():
-                due = start + i / s.flips_per_second
-                if stop.wait(max(due - time.monotonic(), 0)):
-                    return
-                k = i % s.churn_pods
-                want = not state[k]
-                with lock:
-                    if k in pending:
-                        missed += 1  # not seen before its next flip
-                    pending[k] = (want, time.monotonic())
-                state[k] = want
-                workloads.set_ready(f"churn-{k}", churn_ip(k), want)
-                flips += 1
-                i += 1
+        def paced(rate: float, action: Any) -> Any:
+            """action(i) for i = 0, 1, ... at `rate` per second, until `stop`."""
 
-        def toucher() -> None:
+            def run() -> None:
+                start = time.monotonic()
+                i = 0
+                while not stop.is_set():
+                    due = start + i / rate
+                    if stop.wait(max(due - time.monotonic(), 0)):
+                        return
+                    action(i)
+                    i += 1
+
+            return run
+
+        def flip(i: int) -> None:
+            nonlocal missed, flips
+            k = i % s.churn_pods
+            want = not state[k]
+            with lock:
+                if k in pending:
+                    missed += 1  # not seen before its next flip
+                pending[k] = (want, time.monotonic())
+            state[k] = want
+            workloads.set_ready(f"churn-{k}", churn_ip(k), want)
+            flips += 1
+
+        def touch(i: int) -> None:
             nonlocal touches
-            start = time.monotonic()
-            i = 0
-            while not stop.is_set():
-                due = start + i / s.background_per_second
-                if stop.wait(max(due - time.monotonic(), 0)):
-                    return
-                workloads.touch(i)
-                touches += 1
-                i += 1
+            workloads.touch(i)
+            touches += 1
+
+        flipper = paced(s.flips_per_second, flip)
+        toucher = paced(s.background_per_second, touch)
 
         def guarded(fn: Any) -> Any:
             def run() -> None:
