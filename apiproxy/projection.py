@@ -35,8 +35,10 @@ __all__ = [
     "Decoded",
     "NotJSON",
     "decoder",
+    "encode_all",
     "istiod_node",
     "istiod_pod",
+    "many_decoder",
     "projector",
     "strip",
 ]
@@ -218,6 +220,12 @@ class Decoded:
         return self._bytes
 
 
+def encode_all(objs: list[Decoded]) -> bytes:
+    """The projected objects' bytes, comma-separated, as `encode` would give each (one encoder
+    call for all: msgspec writes a list with no space after its commas)."""
+    return _encode([o._project(o._obj) for o in objs])[1:-1]
+
+
 def _whole(data: bytes | memoryview, project: Callable[[Object], Object]) -> Decoded:
     try:
         obj = _value.decode(data)
@@ -252,6 +260,10 @@ def _decode_members(data: bytes | memoryview, project: Callable[[Any], Any]) -> 
         return _whole(data, strip)  # not an object: never shown
     except msgspec.DecodeError:
         raise NotJSON from None
+    return _with_metadata(top, project)
+
+
+def _with_metadata(top: Members, project: Callable[[Any], Any]) -> Decoded:
     meta = _open(top.get("metadata"))
     if meta is not None:
         top["metadata"] = meta  # type: ignore[assignment]
@@ -313,11 +325,48 @@ def _decode_pod(data: bytes | memoryview) -> Decoded:
     return Decoded(pod, meta, _istiod_pod_raw)
 
 
+_pods = msgspec.json.Decoder(list[_Pod])
+_objects = msgspec.json.Decoder(list[Members])
+
+
+def _decode_pods(data: bytes) -> list[Decoded] | None:
+    try:
+        pods = _pods.decode(data)
+    except msgspec.DecodeError:  # ValidationError included: an odd pod, read one by one
+        return None
+    return [
+        Decoded(pod, pod.metadata if pod.metadata is not _UNSET else None, _istiod_pod_raw)
+        for pod in pods
+    ]
+
+
+def _decode_objects(data: bytes, project: Callable[[Any], Any]) -> list[Decoded] | None:
+    try:
+        tops = _objects.decode(data)
+    except msgspec.DecodeError:
+        return None
+    return [_with_metadata(top, project) for top in tops]
+
+
 _DECODERS: dict[str, Callable[[bytes | memoryview], Decoded]] = {
     "": lambda data: _decode_members(data, _strip_raw),
     "istiod-pod": _decode_pod,
     "istiod-node": lambda data: _decode_members(data, _istiod_node_raw),
 }
+
+
+_MANY_DECODERS: dict[str, Callable[[bytes], list[Decoded] | None]] = {
+    "": lambda data: _decode_objects(data, _strip_raw),
+    "istiod-pod": _decode_pods,
+    "istiod-node": lambda data: _decode_objects(data, _istiod_node_raw),
+}
+
+
+def many_decoder(name: str) -> Callable[[bytes], list[Decoded] | None]:
+    """Reads a JSON list of objects at once, as `decoder(name)` reads each; None when the bytes
+    are not such a list, or hold an object only the whole route takes (the caller then reads
+    them one by one). KeyError for an unknown name."""
+    return _MANY_DECODERS[name]
 
 
 def decoder(name: str) -> Callable[[bytes | memoryview], Decoded]:

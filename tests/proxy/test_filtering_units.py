@@ -3,6 +3,7 @@ projections (Istio's transforms), content negotiation and sealed continue tokens
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from typing import Any
@@ -87,15 +88,26 @@ def run_list(
     data: bytes, filt: ObjectFilter, sizes: list[int], meta: Any = lambda m: None, batch: int = 1
 ) -> Any:
     """Fed in `sizes` pieces; batch 1 looks at every piece as it comes (the default gathers
-    128 KiB first, so these small lists would be read whole at close)."""
-    lf = ListFilter(filt.keep, meta, batch=batch)
-    out = b""
-    i = 0
-    for size in sizes:
-        out += lf.feed(data[i : i + size])
-        i += size
-    out += lf.feed(data[i:])
-    out += lf.close()
+    128 KiB first, so these small lists would be read whole at close). Read twice, with the list
+    route and one item at a time: the answers and counts must be the same."""
+
+    def once(f: ObjectFilter, many: bool) -> tuple[bytes, ListFilter]:
+        lf = ListFilter(f.keep, meta, batch=batch, keep_many=f.keep_many if many else None)
+        out = b""
+        i = 0
+        for size in sizes:
+            out += lf.feed(data[i : i + size])
+            i += size
+        out += lf.feed(data[i:])
+        out += lf.close()
+        return out, lf
+
+    alone = dataclasses.replace(filt, hidden=0)
+    one_by_one, ref = once(alone, False)
+    out, lf = once(filt, True)
+    assert out == one_by_one
+    assert (lf.items_in, filt.hidden) == (ref.items_in, alone.hidden)
+    assert ref.items_listed == 0
     return orjson.loads(out), lf
 
 
@@ -166,6 +178,28 @@ def test_empty_list_and_malformed_lists() -> None:
             run()
 
 
+def test_the_list_route_reads_most_items_and_leaves_odd_ones_to_the_item_route() -> None:
+    pods = [a_pod(f"p{i}", "shown" if i % 3 else "hidden") for i in range(600)]
+    reads = [1000] * (len(a_list(pods)) // 1000)
+    out, lf = run_list(a_list(pods), objfilter("istiod-pod"), reads, batch=128 * 1024)
+    assert len(out["items"]) == 400
+    assert lf.items_listed >= 590  # the last item of each read waits for the next one
+    odd = a_pod("odd", "shown") | {"unknownMember": 1}  # only the whole route takes it
+    pods[300] = odd
+    out, lf = run_list(a_list(pods), objfilter("istiod-pod"), reads, batch=128 * 1024)
+    # The read holding it goes item by item, the others as lists.
+    assert 400 < lf.items_listed < 590
+    assert [i for i in out["items"] if i["metadata"]["name"] == "odd"] == [istiod_pod(odd)]
+    # A non-object item among objects is still refused, never sent, by either route.
+    bad = a_list([a_pod("a", "shown")] * 2 + [1] + [a_pod("b", "shown")] * 2)  # type: ignore[list-item]
+    for many in (True, False):
+        f = objfilter("istiod-pod")
+        lf = ListFilter(f.keep, lambda m: None, keep_many=f.keep_many if many else None)
+        lf.feed(bad)
+        with pytest.raises(FilterError):
+            lf.close()
+
+
 def test_nested_lists_of_objects_never_split_an_item() -> None:
     """Items whose nested lists start with the items' own first key (ownerReferences in
     sorted-key custom resource lists) are false candidates that fail to decode, never items."""
@@ -196,9 +230,11 @@ def test_nested_lists_of_objects_never_split_an_item() -> None:
         separators=(",", ":"),
     ).encode()
     for step in (1, 5, len(body)):
-        out, _lf = run_list(body, objfilter(), [step] * (len(body) // step))
+        out, lf = run_list(body, objfilter(), [step] * (len(body) // step))
         assert [i["metadata"]["name"] for i in out["items"]] == ["w0", "w1", "w2"]
         assert out["items"][0]["spec"] == {"list": [{"apiVersion": "z"}]}
+    # Read whole, the last candidate is inside w2 (a false one); the one before ends w1.
+    assert lf.items_listed == 2
 
 
 def test_pretty_printed_lists_are_read_too() -> None:

@@ -20,8 +20,10 @@ from apiproxy.projection import (
     PROXY_OVERRIDES,
     NotJSON,
     decoder,
+    encode_all,
     istiod_node,
     istiod_pod,
+    many_decoder,
     strip,
 )
 from apiproxy_dev.sim.seed import pod as sim_pod
@@ -216,6 +218,38 @@ JSON = st.recursive(
 @given(obj=st.dictionaries(KEYS, JSON, max_size=6), name=st.sampled_from(list(DEFINITIONS)))
 def test_any_object_is_projected_as_defined(obj: dict[str, Any], name: str) -> None:
     check_same(name, enc(obj))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    objs=st.lists(st.dictionaries(KEYS, JSON, max_size=6), max_size=4),
+    name=st.sampled_from(list(DEFINITIONS)),
+)
+def test_a_list_read_at_once_is_each_object_read_alone(objs: list[Any], name: str) -> None:
+    """The list route (`many_decoder`) gives each object's bytes exactly as the item route, or
+    declines the whole list when any object needs the whole route."""
+    alone = [decoder(name)(enc(o)) for o in objs]
+    many = many_decoder(name)(enc(objs))
+    if any(d.whole for d in alone):
+        assert many is None
+        return
+    assert many is not None
+    assert encode_all(many) == b",".join(d.encode() for d in alone)
+    for got, want in zip(many, alone, strict=True):
+        for key in ("namespace", "name", "labels"):
+            assert got.member(key) == want.member(key)
+
+
+@pytest.mark.parametrize("name", list(DEFINITIONS))
+def test_the_list_route_declines_what_is_not_a_whole_list_of_objects(name: str) -> None:
+    read = many_decoder(name)
+    pods = enc([sim_pod("ns", f"p{i}", "app", "node-1", i) for i in range(3)])
+    for bad in (b"[1]", b'[{"a":1},null]', b"{}", b"", b"[{}", pods[:-1], pods[: len(pods) // 2]):
+        assert read(bad) is None, bad
+    many = read(pods)
+    assert many is not None
+    assert len(many) == 3
+    assert encode_all([]) == b""
 
 
 @settings(max_examples=200, deadline=None)
