@@ -258,7 +258,7 @@ class ListFilter:
         # bytes.find on the literal separator, much faster than the regular expression.
         self._compact = False
         self._literal = b""
-        self._emitted = 0
+        self._sent_any = False  # a comma goes before every item sent after the first
         self._waiting: list[bytes] = []  # reads not yet looked at, fewer than _BATCH bytes
         self._waiting_size = 0
         self.items_in = 0
@@ -359,10 +359,10 @@ class ListFilter:
             self._scan = self._pos
             self.items_in += 1
             if kept is not None:
-                if self._emitted:
+                if self._sent_any:
                     out.append(b",")
                 out.append(kept)
-                self._emitted += 1
+                self._sent_any = True
 
     def _take_many(self, buf: bytes, start: int, out: list[bytes]) -> bool:
         """Every whole item up to the last candidate in the buffer, read as one JSON list (one
@@ -381,10 +381,10 @@ class ListFilter:
                 self.items_in += came
                 self.items_listed += came
                 if sent:
-                    if self._emitted:
+                    if self._sent_any:
                         out.append(b",")
                     out.append(kept)
-                    self._emitted += sent
+                    self._sent_any = True
                 self._pos = self._scan = a + 1
                 return True
             a = buf.rfind(literal, start, a + len(literal) - 1)

@@ -106,6 +106,7 @@ def run_list(
     one_by_one, ref = once(alone, False)
     out, lf = once(filt, True)
     assert out == one_by_one
+    assert out.endswith(b"\n") == data.endswith(b"\n")  # kube-apiserver ends a body with one
     assert (lf.items_in, filt.hidden) == (ref.items_in, alone.hidden)
     assert ref.items_listed == 0
     return orjson.loads(out), lf
@@ -196,8 +197,77 @@ def test_the_list_route_reads_most_items_and_leaves_odd_ones_to_the_item_route()
         f = objfilter("istiod-pod")
         lf = ListFilter(f.keep, lambda m: None, keep_many=f.keep_many if many else None)
         lf.feed(bad)
-        with pytest.raises(FilterError):
+        with pytest.raises(FilterError, match="the list ended before its items did"):
             lf.close()
+
+
+def test_a_declined_read_goes_item_by_item_without_asking_again() -> None:
+    odd = a_pod("odd", "shown") | {"unknownMember": 1}
+    data = a_list([odd] + [a_pod(f"p{i}", "shown") for i in range(30)])
+    f = objfilter("istiod-pod")
+    calls: list[int] = []
+
+    def many(data: bytes) -> tuple[bytes, int, int] | None:
+        calls.append(len(data))
+        return f.keep_many(data)
+
+    lf = ListFilter(f.keep, lambda m: None, keep_many=many)
+    out = orjson.loads(lf.feed(data) + lf.close())
+    assert len(calls) == 2  # the last candidate, then the one before: both hold `odd`
+    assert (lf.items_listed, lf.items_in, len(out["items"])) == (0, 31, 31)
+
+
+@pytest.mark.parametrize("indent", [None, 1])
+@pytest.mark.parametrize("after", [["metadata"], ["kind", "metadata"], ["apiVersion", "kind"]])
+def test_members_after_the_items_are_kept_and_their_continue_token_sealed(
+    after: list[str], indent: int | None
+) -> None:
+    """Lists whose members follow `items` (unstructured lists sort their keys): the list still
+    ends where it does, and metadata found in the tail is rewritten like metadata in the head."""
+    members = {
+        "kind": "PodList",
+        "apiVersion": "v1",
+        "metadata": {"resourceVersion": "7", "continue": "TOKEN", "remainingItemCount": 9},
+    }
+    body = {"items": [a_pod("a", "shown"), a_pod("b", "hidden"), a_pod("c", "shown")]}
+    body |= {key: members[key] for key in after}
+    separators = None if indent else (",", ":")
+    data = json.dumps(body, indent=indent, separators=separators).encode()
+
+    def meta(obj: Any) -> None:
+        if "metadata" in obj:
+            obj["metadata"].pop("remainingItemCount")
+            obj["metadata"]["continue"] = "SEALED"
+
+    for step in (7, len(data)):
+        out, _ = run_list(data, objfilter("istiod-pod"), [step] * (len(data) // step), meta)
+        assert list(out) == ["items", *after]
+        assert [i["metadata"]["name"] for i in out["items"]] == ["a", "c"]
+        assert b"TOKEN" not in orjson.dumps(out)
+        if "metadata" in after:
+            assert out["metadata"] == {"resourceVersion": "7", "continue": "SEALED"}
+
+
+def test_namespaces_are_seen_by_their_own_name_and_labels() -> None:
+    f = ObjectFilter("namespaces", EXPORT, "", LABELS.get)
+
+    def ns(name: str, **labels: str) -> bytes:
+        meta: dict[str, Any] = {"name": name} | ({"labels": labels} if labels else {})
+        return orjson.dumps({"kind": "Namespace", "metadata": meta})
+
+    assert f.keep(ns("istio-system")) is not None
+    assert f.keep(ns("other", export="true")) is not None  # its own labels, not the view's
+    assert f.keep(ns("shown")) is None  # the view says exported; the object it is decides
+    assert f.keep(ns("hidden")) is None
+    assert f.hidden == 2
+    pods = objfilter()
+    for namespace in ("", 5, None):
+        pod = a_pod("p", "shown")
+        pod["metadata"]["namespace"] = namespace
+        if namespace is None:
+            del pod["metadata"]["namespace"]
+        assert pods.keep(orjson.dumps(pod)) is None, namespace
+    assert pods.keep(orjson.dumps(a_pod("p", "shown"))) is not None
 
 
 def test_nested_lists_of_objects_never_split_an_item() -> None:
