@@ -2,6 +2,10 @@
 
     .venv/bin/python -m bench.filtering            10k and 50k pod LISTs, watches (~10 min)
     .venv/bin/python -m bench.filtering --smoke    tiny sizes, about a minute
+    .venv/bin/python -m bench.filtering --baseline-checkout DIR
+                                                   adds `filtered-baseline`: the filtered hop
+                                                   served from another checkout (git worktree
+                                                   add DIR <commit>), to measure a change in one run
 
 Two `apiproxy serve` processes in front of one simulated kube-apiserver (`bench.upstream`,
 Istio-injected pods of ~5.5 KB JSON), and the client reading that upstream directly (`direct`:
@@ -36,6 +40,7 @@ from bench.harness import (
     CPUS,
     POLICY,
     RESULTS,
+    ROOT,
     memory,
     reset_peak,
     say,
@@ -78,15 +83,20 @@ def cpu_seconds(pid: int) -> float:
 
 
 class FilterBench(Bench):
-    def start(self) -> None:
+    def start(self, baseline_checkout: Path | None = None) -> None:
         say(f"starting upstream ({self.sizes.list_pods} list pods) ...")
         self.start_upstream()  # its contender, `direct`, is the baseline's own check
         (self.work / "filtered.yaml").write_text(FILTERED_POLICY)
         (self.work / "policy.yaml").write_text(POLICY)
         self.contenders.append(self._proxy("pass-through", self.work / "policy.yaml"))
         self.contenders.append(self._proxy("filtered", self.work / "filtered.yaml"))
+        if baseline_checkout is not None:
+            # `python -m apiproxy` imports from its working directory first.
+            self.contenders.append(
+                self._proxy("filtered-baseline", self.work / "filtered.yaml", baseline_checkout)
+            )
 
-    def _proxy(self, name: str, policy: Path) -> Contender:
+    def _proxy(self, name: str, policy: Path, cwd: Path = ROOT) -> Contender:
         info = self.upstream_info
         argv = serve_argv(
             self.files,
@@ -96,7 +106,7 @@ class FilterBench(Bench):
             audit_log=self.work / f"{name}-audit.log",
             extra=[f"--policy={policy}"],
         )
-        child = self.spawn(name, argv, CPUS.hop)
+        child = self.spawn(name, argv, CPUS.hop, cwd=cwd)
         url = serving_url(child)
         wait_http(url, self.jwt)
         return Contender(name, url, self.jwt, child.pid)
@@ -192,6 +202,10 @@ def ratios(res: dict[str, Any]) -> dict[str, Any]:
         out[f"list_{pods}_direct_over_pass_through"] = med(by["direct"], "mb_per_second") / med(
             by["pass-through"], "mb_per_second"
         )
+        if "filtered-baseline" in by:
+            out[f"list_{pods}_baseline_mb_per_second_ratio"] = med(
+                by["filtered-baseline"], "mb_per_second"
+            ) / med(by["pass-through"], "mb_per_second")
     w = res["watches"]
     out["watch_events_per_second_ratio"] = med(w["filtered"], "events_per_second") / med(
         w["pass-through"], "events_per_second"
@@ -207,7 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--repeats", type=int, default=5)  # this VM's runs differ by up to 2x
     parser.add_argument("--out", type=Path, default=RESULTS / "filtering.json")
+    parser.add_argument("--baseline-checkout", type=Path, metavar="DIR")
     args = parser.parse_args(argv)
+    base = args.baseline_checkout
+    if base is not None and not (base / "apiproxy" / "__main__.py").is_file():
+        parser.error(f"--baseline-checkout {base}: no apiproxy/__main__.py there")
     list_pods, split = (600, 100) if args.smoke else (50_000, 10_000)
     lists = {"100": LISTS["10000"], "600": LISTS["50000"]} if args.smoke else LISTS
     sizes = Sizes(
@@ -219,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="apiproxy-filter-bench-") as tmp:
         bench = FilterBench(sizes, Path(tmp), want_nginx=False)
         try:
-            bench.start()
+            bench.start(base.resolve() if base is not None else None)
             res: dict[str, Any] = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             res["lists"] = bench.filter_lists(sizes.repeats, lists)
             res["watches"] = bench.filter_watches(sizes.repeats, WATCHERS)
