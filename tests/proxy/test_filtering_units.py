@@ -197,7 +197,7 @@ def test_the_list_route_reads_most_items_and_leaves_odd_ones_to_the_item_route()
         f = objfilter("istiod-pod")
         lf = ListFilter(f.keep, lambda m: None, keep_many=f.keep_many if many else None)
         lf.feed(bad)
-        with pytest.raises(FilterError, match="the list ended before its items did"):
+        with pytest.raises(FilterError, match=r"^the list ended before its items did$"):
             lf.close()
 
 
@@ -259,9 +259,11 @@ def test_namespaces_are_seen_by_their_own_name_and_labels() -> None:
     assert f.keep(ns("other", export="true")) is not None  # its own labels, not the view's
     assert f.keep(ns("shown")) is None  # the view says exported; the object it is decides
     assert f.keep(ns("hidden")) is None
-    assert f.hidden == 2
+    odd = orjson.dumps({"metadata": {"name": "odd", "labels": [["export", "true"]]}})
+    assert f.keep(odd) is None  # labels that are not a mapping select nothing
+    assert f.hidden == 3
     pods = objfilter()
-    for namespace in ("", 5, None):
+    for namespace in ("", 5, None, ["istio-system"]):
         pod = a_pod("p", "shown")
         pod["metadata"]["namespace"] = namespace
         if namespace is None:
@@ -307,18 +309,32 @@ def test_nested_lists_of_objects_never_split_an_item() -> None:
     assert lf.items_listed == 2
 
 
-def test_pretty_printed_lists_are_read_too() -> None:
+@pytest.mark.parametrize("indent", [4, None])  # None: `", "` and `": "`, spaced but on one line
+def test_pretty_printed_lists_are_read_too(indent: int | None) -> None:
     body = json.dumps(
         {
             "kind": "PodList",
             "apiVersion": "v1",
             "metadata": {},
-            "items": [a_pod("a", "shown"), a_pod("b", "hidden")],
+            "items": [a_pod("a", "shown"), a_pod("b", "hidden"), a_pod("c", "shown")],
         },
-        indent=4,
+        indent=indent,
     ).encode()
-    out, _ = run_list(body, objfilter(), [17] * 200)
-    assert [i["metadata"]["name"] for i in out["items"]] == ["a"]
+    for step in (17, len(body)):
+        out, _ = run_list(body, objfilter(), [step] * (len(body) // step))
+        assert [i["metadata"]["name"] for i in out["items"]] == ["a", "c"]
+
+
+def test_a_list_tail_is_bounded_like_its_head() -> None:
+    body = orjson.dumps({"items": [a_pod("a", "shown")], "metadata": {"x": "x" * (2 << 20)}})
+    lf = ListFilter(objfilter().keep, lambda m: None, batch=1)
+
+    def first_1_5_mib() -> None:  # refused while it streams, not at the end
+        for i in range(0, 3 << 19, 4096):
+            lf.feed(body[i : i + 4096])
+
+    with pytest.raises(FilterError, match=r"^list tail too large$"):
+        first_1_5_mib()
 
 
 def test_watch_events_filtered_bookmarks_and_errors_always_pass() -> None:
