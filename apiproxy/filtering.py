@@ -217,7 +217,7 @@ class ObjectFilter:
         return encode_all(kept), len(objs), len(kept)
 
 
-# -- LIST: one item at a time --------------------------------------------------------------------
+# -- LIST: a read's whole items at once, or one item at a time -------------------------------------
 
 _ITEMS = re.compile(rb'"items"\s*:\s*\[')
 _event = msgspec.json.Decoder(dict[str, msgspec.Raw])
@@ -235,7 +235,9 @@ class ListFilter:
     An item's end is found by candidates (`}` then `,{"<first key of the first item>":`, or `}`
     then `]`) verified by decoding: a prefix of an item that decodes is the whole item, since JSON
     is read left to right, so a false candidate (a nested list of objects) only fails to decode.
-    At most one item and _BATCH bytes after it are held at a time."""
+    In compact JSON, with `keep_many`, the items up to a read's last candidate are first tried as
+    one list (`_take_many`), which the same argument covers. At most one item and _BATCH bytes
+    after it are held at a time."""
 
     def __init__(
         self,

@@ -222,7 +222,8 @@ class Decoded:
 
 def encode_all(objs: list[Decoded]) -> bytes:
     """The projected objects' bytes, comma-separated, as `encode` would give each (one encoder
-    call for all: msgspec writes a list with no space after its commas)."""
+    call for all: msgspec writes a list with no space after its commas). For objects not encoded
+    before: the projection changes them in place."""
     return _encode([o._project(o._obj) for o in objs])[1:-1]
 
 
