@@ -73,6 +73,7 @@ JSON = "application/json"
 MAX_OBJECT_BYTES = 64 * 1024 * 1024  # one item, one watch event, one GET answer
 _MAX_HEAD = 1024 * 1024
 _BATCH = 128 * 1024  # a LIST is filtered in reads of at least this much (the last one aside)
+_MANY_BYTES = 1024 * 1024  # the most the list route copies at once (an item can be 64 MiB)
 # How long a filtered request waits for the namespace view's first LIST before 503.
 SYNC_WAIT_SECONDS = 5.0
 _TRUE = ("1", "t", "T", "TRUE", "true", "True")
@@ -373,7 +374,7 @@ class ListFilter:
         then read one by one until the next read."""
         assert self._keep_many is not None
         literal = self._literal
-        a = buf.rfind(literal, start)
+        a = buf.rfind(literal, start, start + _MANY_BYTES)
         for _ in range(2):  # a false last candidate: try the one before
             if a <= start:
                 break

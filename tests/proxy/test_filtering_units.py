@@ -217,6 +217,29 @@ def test_a_declined_read_goes_item_by_item_without_asking_again() -> None:
     assert (lf.items_listed, lf.items_in, len(out["items"])) == (0, 31, 31)
 
 
+def test_the_list_route_copies_at_most_a_mib_at_a_time() -> None:
+    pods = [a_pod(f"p{i}", "shown") for i in range(12)]
+    for pod in pods[::3]:  # ~300 KB items among small ones
+        pod["metadata"]["annotations"]["big"] = "x" * 300_000
+    big_one = a_pod("big", "shown")
+    big_one["metadata"]["annotations"]["big"] = "x" * (1 << 20)  # larger than one list read
+    pods.append(big_one)
+    data = a_list(pods)
+    f = objfilter("istiod-pod")
+    sizes: list[int] = []
+
+    def many(data: bytes) -> tuple[bytes, int, int] | None:
+        sizes.append(len(data))
+        return f.keep_many(data)
+
+    lf = ListFilter(f.keep, lambda m: None, keep_many=many)
+    out = orjson.loads(lf.feed(data) + lf.close())
+    assert [i["metadata"]["name"] for i in out["items"]] == [p["metadata"]["name"] for p in pods]
+    assert len(sizes) == 2
+    assert max(sizes) <= (1 << 20) + 2  # the brackets
+    assert lf.items_listed == 12  # the last item, with no candidate after it, is read alone
+
+
 @pytest.mark.parametrize("indent", [None, 1])
 @pytest.mark.parametrize("after", [["metadata"], ["kind", "metadata"], ["apiVersion", "kind"]])
 def test_members_after_the_items_are_kept_and_their_continue_token_sealed(
