@@ -201,18 +201,22 @@ def test_the_list_route_reads_most_items_and_leaves_odd_ones_to_the_item_route()
             lf.close()
 
 
-def test_a_declined_read_goes_item_by_item_without_asking_again() -> None:
-    odd = a_pod("odd", "shown") | {"unknownMember": 1}
-    data = a_list([odd] + [a_pod(f"p{i}", "shown") for i in range(30)])
+def read_whole(data: bytes) -> tuple[Any, ListFilter, list[int]]:
+    """The list fed in one read, with the sizes of what the list route was asked to read."""
     f = objfilter("istiod-pod")
-    calls: list[int] = []
+    sizes: list[int] = []
 
     def many(data: bytes) -> tuple[bytes, int, int] | None:
-        calls.append(len(data))
+        sizes.append(len(data))
         return f.keep_many(data)
 
     lf = ListFilter(f.keep, lambda m: None, keep_many=many)
-    out = orjson.loads(lf.feed(data) + lf.close())
+    return orjson.loads(lf.feed(data) + lf.close()), lf, sizes
+
+
+def test_a_declined_read_goes_item_by_item_without_asking_again() -> None:
+    odd = a_pod("odd", "shown") | {"unknownMember": 1}
+    out, lf, calls = read_whole(a_list([odd] + [a_pod(f"p{i}", "shown") for i in range(30)]))
     assert len(calls) == 2  # the last candidate, then the one before: both hold `odd`
     assert (lf.items_listed, lf.items_in, len(out["items"])) == (0, 31, 31)
 
@@ -224,16 +228,7 @@ def test_the_list_route_copies_at_most_a_mib_at_a_time() -> None:
     big_one = a_pod("big", "shown")
     big_one["metadata"]["annotations"]["big"] = "x" * (1 << 20)  # larger than one list read
     pods.append(big_one)
-    data = a_list(pods)
-    f = objfilter("istiod-pod")
-    sizes: list[int] = []
-
-    def many(data: bytes) -> tuple[bytes, int, int] | None:
-        sizes.append(len(data))
-        return f.keep_many(data)
-
-    lf = ListFilter(f.keep, lambda m: None, keep_many=many)
-    out = orjson.loads(lf.feed(data) + lf.close())
+    out, lf, sizes = read_whole(a_list(pods))
     assert [i["metadata"]["name"] for i in out["items"]] == [p["metadata"]["name"] for p in pods]
     assert len(sizes) == 2
     assert max(sizes) <= (1 << 20) + 2  # the brackets
