@@ -121,7 +121,7 @@ class FederationConfig:
         if self.resync_interval <= 0:
             raise UserError("--resync-interval must be positive")
         if self.shutdown_timeout <= 0:
-            raise UserError("the shutdown timeout must be positive")
+            raise UserError("--shutdown-timeout must be positive")
         parse_listen(self.exporter_listen, "--exporter-listen")
         if self.metrics_listen:
             parse_listen(self.metrics_listen, "--metrics-listen")
@@ -540,6 +540,12 @@ def _parser(prog: str) -> flags.Parser:
         type=flags.duration(minimum=0.001),
     )
     p.option("--metrics-listen", "Prometheus metrics HOST:PORT")
+    p.option(
+        "--shutdown-timeout",
+        "after SIGTERM, abandon what is not done by then (keep it under the pod's grace period)",
+        default="5s",
+        type=flags.duration(minimum=0.001),
+    )
     p.switch(
         "--leader-elect",
         "elect a leader through the apiproxy-federation Lease",
@@ -569,6 +575,7 @@ def config_from_args(args: argparse.Namespace) -> FederationConfig:
         credential_ttl=args.credential_ttl,
         resync_interval=args.resync_interval,
         metrics_listen=args.metrics_listen,
+        shutdown_timeout=args.shutdown_timeout,
         leader_elect=bool(args.leader_elect),
         identity=args.identity,
     )

@@ -30,6 +30,7 @@ def test_flags_and_defaults():
     cfg.validate()
     assert cfg.credential_ttl == 5400
     assert cfg.resync_interval == 60
+    assert cfg.shutdown_timeout == 5
     assert cfg.namespace == "apiproxy-system"
     assert cfg.istio_namespace == "istio-system"
     assert cfg.exporter_listen == "0.0.0.0:8443"
@@ -43,7 +44,9 @@ def test_every_flag_reads_an_apiproxy_env_var(monkeypatch):
     monkeypatch.setenv("APIPROXY_RESYNC_INTERVAL", "30s")
     monkeypatch.setenv("APIPROXY_INGRESS_GATEWAY", "198.51.100.1:15443,198.51.100.2:15443")
     monkeypatch.setenv("APIPROXY_LEADER_ELECT", "false")
+    monkeypatch.setenv("APIPROXY_SHUTDOWN_TIMEOUT", "20s")
     cfg = fmain.config_from_args(fmain._parser("x").parse_args([]))
+    assert cfg.shutdown_timeout == 20
     assert (cfg.cluster_domain, cfg.api_host, cfg.resync_interval) == (
         "corp.local",
         "api.corp:4443",
@@ -66,6 +69,8 @@ def test_every_flag_reads_an_apiproxy_env_var(monkeypatch):
             "--kubeconfig: /nonexistent/kubeconfig: no such file",
         ),
         (["--log-level", "loud"], "--log-level: .loud. must be one of"),
+        (["--shutdown-timeout", "0s"], "--shutdown-timeout"),
+        (["--shutdown-timeout", "later"], "--shutdown-timeout: invalid duration"),
     ],
 )
 def test_user_errors_are_one_clean_line(extra, message, capsys):

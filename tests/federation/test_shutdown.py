@@ -105,9 +105,10 @@ async def test_sigterm_while_standing_by(clusters, federate):
 
 async def test_sigterm_while_the_lease_api_hangs(clusters, federate):
     """The leader's renew hangs, and so would the release on the way out: the shutdown
-    deadline abandons it with a warning instead of waiting it out."""
+    deadline (`--shutdown-timeout`, shortened here) abandons it with a warning instead of
+    waiting it out."""
     a = await clusters("a")
-    f = await federate(a)
+    f = await federate(a, "--shutdown-timeout=2s")
     await f.wait_event("federation_started")
     await eventually(lambda: f.alive() and _lease_holder(a) == "federate-a", timeout=30)
     hang = a.sim.faults.delay(120, path=LEASES)
@@ -119,6 +120,7 @@ async def test_sigterm_while_the_lease_api_hangs(clusters, federate):
     assert warning is not None
     assert warning["level"] == "warning"
     assert warning["step"] == "lease release"
+    assert 1.0 <= warning["shutdown_timeout"] <= 2.0  # what was left of the 2 s after SIGTERM
     print(f"SIGTERM while the Lease API hangs: exited in {took:.2f}s")
 
 
