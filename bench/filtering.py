@@ -84,6 +84,7 @@ def cpu_seconds(pid: int) -> float:
 
 class FilterBench(Bench):
     def start(self, baseline_checkout: Path | None = None) -> None:
+        self.served_from: dict[str, str] = {}  # each hop's working directory, where it imports from
         say(f"starting upstream ({self.sizes.list_pods} list pods) ...")
         self.start_upstream()  # its contender, `direct`, is the baseline's own check
         (self.work / "filtered.yaml").write_text(FILTERED_POLICY)
@@ -107,6 +108,7 @@ class FilterBench(Bench):
             extra=[f"--policy={policy}"],
         )
         child = self.spawn(name, argv, CPUS.hop, cwd=cwd)
+        self.served_from[name] = os.readlink(f"/proc/{child.pid}/cwd")
         url = serving_url(child)
         wait_http(url, self.jwt)
         return Contender(name, url, self.jwt, child.pid)
@@ -239,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             bench.start(base.resolve() if base is not None else None)
             res: dict[str, Any] = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            res["served_from"] = bench.served_from
             res["lists"] = bench.filter_lists(sizes.repeats, lists)
             res["watches"] = bench.filter_watches(sizes.repeats, WATCHERS)
             res["ratios"] = ratios(res)

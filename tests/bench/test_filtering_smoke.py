@@ -4,6 +4,9 @@ performance thresholds)."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 
 from tests.bench.conftest import ROOT, BenchRunner
@@ -11,10 +14,17 @@ from tests.bench.conftest import ROOT, BenchRunner
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_filtering_smoke(run_bench: BenchRunner) -> None:
-    # This checkout as its own baseline: the option's plumbing, not a comparison.
-    run = run_bench("bench.filtering", "--smoke", "--baseline-checkout", str(ROOT), timeout=280)
+def test_filtering_smoke(run_bench: BenchRunner, tmp_path: Path) -> None:
+    # A copy of this package as the baseline: the option's plumbing, not a comparison.
+    shutil.copytree(ROOT / "apiproxy", tmp_path / "base" / "apiproxy")
+    base = str(tmp_path / "base")
+    run = run_bench("bench.filtering", "--smoke", "--baseline-checkout", base, timeout=280)
     res = run.result
+    assert res["served_from"] == {
+        "pass-through": str(ROOT),
+        "filtered": str(ROOT),
+        "filtered-baseline": base,
+    }
     names = {"direct", "pass-through", "filtered", "filtered-baseline"}
     for pods in ("100", "600"):
         by = res["lists"][pods]
