@@ -322,8 +322,11 @@ def _decode_pod(data: bytes | memoryview) -> Decoded:
         return _whole(data, istiod_pod)
     except msgspec.DecodeError:
         raise NotJSON from None
-    meta = pod.metadata if pod.metadata is not _UNSET else None
-    return Decoded(pod, meta, _istiod_pod_raw)
+    return _typed_pod(pod)
+
+
+def _typed_pod(pod: _Pod) -> Decoded:
+    return Decoded(pod, pod.metadata if pod.metadata is not _UNSET else None, _istiod_pod_raw)
 
 
 _pods = msgspec.json.Decoder(list[_Pod])
@@ -335,10 +338,7 @@ def _decode_pods(data: bytes) -> list[Decoded] | None:
         pods = _pods.decode(data)
     except msgspec.DecodeError:  # ValidationError included: an odd pod, read one by one
         return None
-    return [
-        Decoded(pod, pod.metadata if pod.metadata is not _UNSET else None, _istiod_pod_raw)
-        for pod in pods
-    ]
+    return [_typed_pod(pod) for pod in pods]
 
 
 def _decode_objects(data: bytes, project: Callable[[Any], Any]) -> list[Decoded] | None:
